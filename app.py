@@ -1,0 +1,33 @@
+"""hyperreal app: `python app.py [--base B] [--host H] [--port P] [--share]` (settings also from env vars)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hyperreal.errors import HyperrealError
+from hyperreal.loading import load_base
+from hyperreal.settings import Settings
+from hyperreal.ui.app import build_app, launch
+
+
+def main(argv=None) -> int:
+    s = Settings.from_env()
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--base", default=s.base, help="tiny | hub id | local diffusers folder (default: auto)")
+    ap.add_argument("--host", default=s.host)
+    ap.add_argument("--port", type=int, default=s.port)
+    ap.add_argument("--share", action="store_true", default=s.share, help="create a public share link")
+    args = ap.parse_args(argv)
+    s.base, s.host, s.port, s.share = args.base, args.host, args.port, args.share
+    try:
+        base = load_base(s.base)
+    except HyperrealError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"hyperreal: base '{base.name}' on {base.device}; outputs in {s.outputs}")
+    launch(build_app(base, s), s)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,193 @@
+"""Generation jobs: validation, running them on a loaded base, and PNGs that carry their parameters."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from . import __version__
+from .errors import HyperrealError
+from .loading import BaseModel
+
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 200
+MAX_SIDE = 2048
+
+
+@dataclass
+class GenerationJob:
+    prompt: str
+    seed: int
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+
+    def resolved(self, defaults: dict) -> "GenerationJob":
+        """The job with every unset knob taken from the base's defaults."""
+        d = asdict(self)
+        for k in ("steps", "guidance", "width", "height"):
+            if d[k] is None:
+                d[k] = defaults[k]
+        return GenerationJob(**d)
+
+
+_TYPES = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": (int, float),
+          "width": int, "height": int}
+_REQUIRED = ("prompt", "seed")
+
+
+def _bad(where: str, msg: str) -> HyperrealError:
+    return HyperrealError(f"{where}: {msg}")
+
+
+def job_from_dict(d: dict, where: str = "job") -> GenerationJob:
+    """Check one job (a JSON object) and say exactly what is wrong with it."""
+    if not isinstance(d, dict):
+        raise _bad(where, f"expected a JSON object like {{\"prompt\": \"a red circle\", \"seed\": 1}}, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(_TYPES))
+    if unknown:
+        raise _bad(where, f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_TYPES)}")
+    for k in _REQUIRED:
+        if k not in d or d[k] is None:
+            raise _bad(where, f"'{k}' is missing" + (" (an integer, e.g. \"seed\": 1)" if k == "seed" else ""))
+    for k, v in d.items():
+        if v is None and k not in _REQUIRED:
+            continue
+        if isinstance(v, bool) or not isinstance(v, _TYPES[k]):
+            want = {str: "a string", int: "an integer"}.get(_TYPES[k], "a number")
+            raise _bad(where, f"'{k}' must be {want}, got {json.dumps(v)}")
+    job = GenerationJob(**{k: (float(v) if k == "guidance" and v is not None else v) for k, v in d.items()})
+    validate(job, where)
+    return job
+
+
+def validate(job: GenerationJob, where: str = "job") -> None:
+    if not job.prompt.strip():
+        raise _bad(where, "'prompt' is empty")
+    if not 0 <= job.seed <= MAX_SEED:
+        raise _bad(where, f"'seed' must be between 0 and {MAX_SEED}, got {job.seed}")
+    if job.steps is not None and not 1 <= job.steps <= MAX_STEPS:
+        raise _bad(where, f"'steps' must be between 1 and {MAX_STEPS}, got {job.steps}")
+    if job.guidance is not None and not 0.0 <= job.guidance <= 30.0:
+        raise _bad(where, f"'guidance' must be between 0 and 30, got {job.guidance}")
+    for k in ("width", "height"):
+        v = getattr(job, k)
+        if v is not None and (not 8 <= v <= MAX_SIDE or v % 8):
+            raise _bad(where, f"'{k}' must be a multiple of 8 between 8 and {MAX_SIDE}, got {v}")
+
+
+def read_jobs(path: str | Path) -> list[GenerationJob]:
+    """All jobs of a JSONL file, checked before any image is made (blank lines and # comments are skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise HyperrealError(f"jobs file '{p}' does not exist")
+    jobs = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        where = f"{p.name} line {n}"
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise _bad(where, f"not valid JSON ({e.msg} at column {e.colno})") from None
+        jobs.append(job_from_dict(d, where))
+    if not jobs:
+        raise HyperrealError(f"jobs file '{p}' has no jobs (one JSON object per line)")
+    return jobs
+
+
+# --- the A1111 'parameters' text chunk -------------------------------------------------------------------
+
+def parameters_text(job: GenerationJob, model: str, sampler: str) -> str:
+    lines = [job.prompt]
+    if job.negative_prompt:
+        lines.append(f"Negative prompt: {job.negative_prompt}")
+    lines.append(f"Steps: {job.steps}, Sampler: {sampler}, CFG scale: {job.guidance:g}, Seed: {job.seed}, "
+                 f"Size: {job.width}x{job.height}, Model: {model}, Version: hyperreal {__version__}")
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict:
+    """Read an A1111-style parameters text back into job fields (for 'send to form')."""
+    lines = text.strip().splitlines()
+    if not lines:
+        return {}
+    settings = lines[-1]
+    head = lines[:-1]
+    neg = [i for i, line in enumerate(head) if line.startswith("Negative prompt:")]
+    prompt = "\n".join(head[:neg[0]] if neg else head)
+    out: dict = {"prompt": prompt,
+                 "negative_prompt": "\n".join(head[neg[0]:])[len("Negative prompt:"):].strip() if neg else ""}
+    kv = dict(m.groups() for m in re.finditer(r"\s*([\w ]+):\s*([^,]+)", settings))
+    conv = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int)}
+    for k, (name, f) in conv.items():
+        if k in kv:
+            out[name] = f(kv[k])
+    if "Size" in kv:
+        w, h = kv["Size"].split("x")
+        out["width"], out["height"] = int(w), int(h)
+    if "Model" in kv:
+        out["model"] = kv["Model"].strip()
+    return out
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
+    """Write atomically (temp file + rename) so a failure never leaves a half-written image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    fd, tmp = tempfile.mkstemp(suffix=".png.part", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --- running --------------------------------------------------------------------------------------------
+
+def sampler_name(pipe) -> str:
+    return type(pipe.scheduler).__name__.replace("Scheduler", "")
+
+
+def run_job(base: BaseModel, job: GenerationJob) -> tuple[Image.Image, str]:
+    """One image for one job on the base; returns the image and its parameters text."""
+    job = job.resolved(base.defaults)
+    pipe = base.pipe
+    # the noise comes from a CPU generator so a seed gives the same image on any device
+    gen = torch.Generator(device="cpu").manual_seed(job.seed)
+    with base.lock, torch.inference_mode():
+        out = pipe(prompt=job.prompt, negative_prompt=job.negative_prompt or None, num_inference_steps=job.steps,
+                   guidance_scale=job.guidance, width=job.width, height=job.height, generator=gen,
+                   output_type="pil")
+    image = out.images[0]
+    return image, parameters_text(job, base.name, sampler_name(pipe))
+
+
+def generate_to_folder(base: BaseModel, job: GenerationJob, count: int, folder: str | Path) -> list[tuple[Path, str]]:
+    """``count`` images with seeds seed, seed+1, ... saved as PNGs (with parameters) under ``folder``."""
+    folder = Path(folder)
+    out = []
+    for i in range(count):
+        j = GenerationJob(**{**asdict(job), "seed": (job.seed + i) % (MAX_SEED + 1)})
+        validate(j)
+        image, params = run_job(base, j)
+        path = save_png(image, folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{j.seed}-{uuid.uuid4().hex[:6]}.png", params)
+        out.append((path, params))
+    return out

@@ -1,0 +1,59 @@
+"""Held-out prompt sets and the base model's accuracy measurement (shared by the CLI and the training script)."""
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from . import evaluator
+from .world import all_captions, is_held_out
+
+EVAL_SEED = 1234
+
+
+def held_out_prompts(n_one: int = 64, n_two: int = 64) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(prompt, seed) pairs from captions never seen in training; one-object captions cycle with new seeds."""
+    rng = random.Random(EVAL_SEED)
+    one = [c for c in all_captions(n_objects=1) if is_held_out(c)]
+    two = [c for c in all_captions(n_objects=2) if is_held_out(c)]
+    rng.shuffle(one)
+    rng.shuffle(two)
+    pairs_one = [(one[i % len(one)], EVAL_SEED + i) for i in range(n_one)]
+    pairs_two = [(two[i % len(two)], EVAL_SEED + 1000 + i) for i in range(n_two)]
+    return pairs_one, pairs_two
+
+
+@torch.no_grad()
+def generate_batch(pipe, pairs: list[tuple[str, int]], steps: int, guidance: float, batch: int = 16,
+                   negative_prompt: str | None = None):
+    device = pipe.device
+    images = []
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        gens = [torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]
+        out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                   negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+                   output_type="pil")
+        images.extend(out.images)
+    return images
+
+
+def time_one_image(pipe, steps: int = 20, guidance: float = 7.5, repeats: int = 3) -> float:
+    """Best-of wall time for one 64x64 image (after a warm-up run)."""
+    generate_batch(pipe, [("a red circle", 0)], steps, guidance)
+    best = float("inf")
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        generate_batch(pipe, [("a blue square on the left", r)], steps, guidance)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def evaluate_base(pipe, steps: int = 20, guidance: float = 7.5, n_one: int = 64, n_two: int = 64) -> dict:
+    one, two = held_out_prompts(n_one, n_two)
+    res = {"steps": steps, "guidance": guidance}
+    for name, pairs in (("one_object", one), ("two_objects", two)):
+        imgs = generate_batch(pipe, pairs, steps, guidance)
+        res[name] = evaluator.accuracy(imgs, [p for p, _ in pairs])
+    return res

@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# the tests never reach a hub: fail fast instead of waiting on the network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HYPERREAL_DEVICE", "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from hyperreal.loading import load_base
+
+    return load_base("tiny")
+
+
+def run_cli(*args, timeout=300, env=None):
+    """``python -m hyperreal ARGS`` in a subprocess, as a user runs it."""
+    import subprocess
+
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "hyperreal", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=e)

@@ -1,0 +1,62 @@
+import json
+
+import pytest
+from PIL import Image
+
+from hyperreal.errors import HyperrealError
+from hyperreal.generation import (GenerationJob, job_from_dict, parameters_text, parse_parameters, read_jobs,
+                                  run_job, save_png)
+
+
+def test_good_job():
+    j = job_from_dict({"prompt": "a red circle", "seed": 3, "steps": 12, "guidance": 4})
+    assert j == GenerationJob("a red circle", 3, steps=12, guidance=4.0)
+
+
+@pytest.mark.parametrize("job, words", [
+    ({"seed": 1}, "'prompt' is missing"),
+    ({"prompt": "x"}, "'seed' is missing"),
+    ({"prompt": "x", "seed": 1, "steps": -3}, "'steps' must be between 1 and"),
+    ({"prompt": "x", "seed": 1, "steps": "ten"}, "'steps' must be an integer"),
+    ({"prompt": "x", "seed": 1, "guidance": 99}, "'guidance' must be between 0 and 30"),
+    ({"prompt": "x", "seed": 1, "width": 65}, "'width' must be a multiple of 8"),
+    ({"prompt": "x", "seed": -1}, "'seed' must be between 0"),
+    ({"prompt": "x", "seed": True}, "'seed' must be an integer"),
+    ({"prompt": "  ", "seed": 1}, "'prompt' is empty"),
+    ({"prompt": "x", "seed": 1, "stpes": 3}, "unknown key(s) 'stpes'"),
+])
+def test_bad_jobs_say_what_is_wrong(job, words):
+    with pytest.raises(HyperrealError) as e:
+        job_from_dict(job, "jobs.jsonl line 4")
+    assert str(e.value).startswith("jobs.jsonl line 4: ") and words in str(e.value)
+
+
+def test_read_jobs_names_the_line(tmp_path):
+    f = tmp_path / "jobs.jsonl"
+    f.write_text('{"prompt": "a", "seed": 1}\n\n# comment\n{"prompt": "b", "seed": 2\n')
+    with pytest.raises(HyperrealError, match="jobs.jsonl line 4: not valid JSON"):
+        read_jobs(f)
+    f.write_text('{"prompt": "a", "seed": 1}\n\n{"prompt": "b", "seed": 2, "steps": 5}\n')
+    assert [j.prompt for j in read_jobs(f)] == ["a", "b"]
+
+
+def test_parameters_round_trip():
+    j = GenerationJob("a red circle\non two lines", 42, "blurry, ugly", 20, 5.5, 64, 64)
+    text = parameters_text(j, "tiny", "DPMSolverMultistep")
+    assert text.splitlines()[-1].startswith("Steps: 20, Sampler: DPMSolverMultistep, CFG scale: 5.5, Seed: 42, Size: 64x64, Model: tiny")
+    d = parse_parameters(text)
+    assert d == {"prompt": j.prompt, "negative_prompt": "blurry, ugly", "steps": 20, "guidance": 5.5, "seed": 42,
+                 "width": 64, "height": 64, "model": "tiny"}
+
+
+def test_same_seed_same_image_and_png_chunk(tiny, tmp_path):
+    job = GenerationJob("a blue square on the left", 5, steps=8)
+    a, params = run_job(tiny, job)
+    b, _ = run_job(tiny, job)
+    c, _ = run_job(tiny, GenerationJob("a blue square on the left", 6, steps=8))
+    assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+    assert a.size == (tiny.defaults["width"], tiny.defaults["height"])
+    p = save_png(a, tmp_path / "sub" / "x.png", params)
+    with Image.open(p) as im:
+        assert im.info["parameters"] == params
+    assert [x.name for x in p.parent.iterdir()] == ["x.png"]  # no temp file left

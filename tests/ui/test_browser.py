@@ -1,0 +1,42 @@
+"""One real browser session: headless Debian Chromium driven by Playwright types a prompt and clicks Generate."""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .test_app import app_url, free_port, monkeypatch_module  # noqa: F401  (shared launched app)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (.ci/run installs it)")
+def test_generate_in_a_browser(app_url, tmp_path):  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    url, settings = app_url
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                           "--disable-component-update", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url, wait_until="networkidle")
+            box = page.locator("#prompt textarea")
+            box.fill("a yellow triangle on the right")
+            page.locator("#generate-button").click()
+            img = page.locator("#gallery img").first
+            img.wait_for(state="visible", timeout=60_000)
+            page.wait_for_timeout(500)
+            shot = tmp_path / "app.png"
+            page.screenshot(path=str(shot), full_page=True)
+            src = img.get_attribute("src")
+            assert src and ".png" in src
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000
+    assert len(list(settings.outputs.glob("*.png"))) >= 1
+    if os.environ.get("HYPERREAL_UPDATE_SCREENSHOT"):
+        (ROOT / "docs").mkdir(exist_ok=True)
+        shutil.copy(shot, ROOT / "docs" / "app.png")
