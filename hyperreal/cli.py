@@ -23,6 +23,7 @@ def _quiet() -> None:
     tlog.set_verbosity_error()
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
+    tlog.disable_progress_bar()
 
 
 # --- generate -------------------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ def write_model_card(folder: Path, record: dict) -> None:
     m = record["metrics"]
     one, two = m["one_object"], m["two_objects"]
     vae = record["vae"]["reconstruction"]
+    reuse = ""
+    if record["vae"].get("from"):
+        reuse = (f" Its VAE is stage 1 of `{record['vae']['from']}`, reused by `--vae-from`; a run without "
+                 "`--vae-from` trains it again the same way.")
     text = f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -40,7 +44,11 @@ Recommended: {record['defaults']['steps']} steps, guidance {record['defaults']['
   (VAE {record['vae']['steps']} steps, UNet {record['unet']['steps']} steps at batch {record['unet']['batch']},
   final loss {record['unet']['final_loss']:.4f}).
 
-Reproduce: `{record['command']}` (full record in `training_record.json`); re-measure:
-`python -m hyperreal eval base --json`.
+Made by: `{record['command']}` (full record in `training_record.json`).{reuse}
+Re-measure: `python -m hyperreal eval base --json`.
+
+Schedule: SD1.5's betas rescaled to zero terminal SNR, v-prediction, trailing timesteps (Lin et al. 2023).
+With SD's own schedule the first tiny model read its layout off the starting noise and ignored position
+words; see `hyperreal/shapes/tiny_model.py`.
 """
     (folder / "README.md").write_text(text)

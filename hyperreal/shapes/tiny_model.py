@@ -98,9 +98,13 @@ def build_unet(cross_attention_dim: int = TEXT_WIDTH) -> UNet2DConditionModel:
     )
 
 
-# SD1.5's training schedule; DPM-Solver++ 2M for 20-step sampling
+# SD1.5's beta schedule, rescaled to zero terminal SNR with v-prediction and trailing timesteps (Lin et al.,
+# "Common Diffusion Noise Schedules and Sample Steps are Flawed", 2023). With SD's own schedule the last step
+# still carries ~7% signal; on 16x16 latents that is enough for a model to read the layout off the starting
+# noise and ignore "left"/"top" in the prompt (measured on the first tiny model: 16% position accuracy).
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="epsilon", steps_offset=1)
+                prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                steps_offset=1)
 
 
 def build_train_scheduler() -> DDPMScheduler:

@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--eval-prompts", type=int, default=64)
+    ap.add_argument("--vae-from", help="reuse the VAE of an earlier run's output folder instead of stage 1")
     args = ap.parse_args(argv)
 
     t_start = time.time()
@@ -104,8 +105,20 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     out = Path(args.out)
 
-    log("stage 1: VAE")
-    vae, vae_info = train_vae(args.vae_steps, args.vae_batch, 1e-3, rng)
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        log(f"stage 1: VAE from {args.vae_from} (made by stage 1 of an earlier run of this script)")
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", use_safetensors=True)
+        vae.eval().requires_grad_(False)
+        prev = json.loads((Path(args.vae_from) / "training_record.json").read_text())
+        vae_info = {**prev["vae"], "from": prev["command"]}
+        for _ in range(args.vae_steps * args.vae_batch):  # keep the scene stream where a full run would be
+            sample_scene(rng, ALL_SHAPES, exclude_held_out=False)
+        [sample_scene(rng, ALL_SHAPES, exclude_held_out=False) for _ in range(128)]
+    else:
+        log("stage 1: VAE")
+        vae, vae_info = train_vae(args.vae_steps, args.vae_batch, 1e-3, rng)
 
     log("stage 2: caching latents")
     latents, caps = cache_latents(vae, args.scenes, rng)
@@ -146,9 +159,10 @@ def main(argv=None) -> int:
         xt = noise_sched.add_noise(x0, noise, t)
         cond = text_encoder(ids)[0]
         pred = unet(xt, t, cond).sample
-        # min-SNR-gamma weighting (Hang et al. 2023), as in diffusers' training scripts
-        w = torch.clamp(snr[t], max=5.0) / snr[t]
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        target = noise_sched.get_velocity(x0, noise, t)
+        # min-SNR-gamma weighting (Hang et al. 2023) for v-prediction, as in diffusers' training scripts
+        w = torch.clamp(snr[t], max=5.0) / (snr[t] + 1)
+        loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -189,7 +203,7 @@ def main(argv=None) -> int:
         "metrics": metrics,
         "weights_mb": round(size_mb, 2),
     }
-    (out / "hyperreal.json").write_text(json.dumps(record["defaults"], indent=2) + "\n")
+    (out / "hyperreal.json").write_text(json.dumps({"kind": "base", **record["defaults"]}, indent=2) + "\n")
     (out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
     from .model_card import write_model_card
 

@@ -1,0 +1,121 @@
+"""The shared training loop and the app's job runner, on a learner small enough to run in a blink."""
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hyperreal.errors import HyperrealError
+from hyperreal.jobs import TrainingJob
+from hyperreal.training import CancelToken, TrainConfig, latest_checkpoint, train
+
+
+class LineFit:
+    """Learns y = 3x - 1 with a frozen 'base' beside it that must never change."""
+
+    def __init__(self, pause: threading.Event | None = None):
+        torch.manual_seed(0)
+        self.frozen = torch.nn.Linear(1, 1).requires_grad_(False)
+        self.learn = torch.nn.Linear(1, 1)
+        self.pause = pause
+        self.steps_seen = 0
+
+    def trainable_parameters(self):
+        return list(self.learn.parameters())
+
+    def batches(self, batch_size, seed):
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            x = torch.randn(batch_size, 1, generator=g)
+            yield x, 3 * x - 1
+
+    def loss(self, batch):
+        if self.pause is not None:
+            self.pause.wait(5)
+        x, y = batch
+        self.steps_seen += 1
+        return torch.nn.functional.mse_loss(self.learn(x) + 0 * self.frozen(x), y)
+
+    def validate(self):
+        return [], []
+
+    def state(self):
+        return dict(self.learn.state_dict())
+
+    def load_state(self, state):
+        self.learn.load_state_dict(state)
+
+    def save(self, out: Path):
+        p = Path(out) / "line.safetensors"
+        save_file({k: v.contiguous() for k, v in self.learn.state_dict().items()}, p)
+        return [p]
+
+
+def test_loop_learns_reports_and_keeps_frozen(tmp_path):
+    m = LineFit()
+    before = {k: v.clone() for k, v in m.frozen.state_dict().items()}
+    events = []
+    paths = train(m, TrainConfig(steps=200, batch_size=16, lr=5e-2, log_every=50, checkpoint_every=100), tmp_path,
+                  events.append)
+    assert [e.kind for e in events] == ["start", "step", "step", "checkpoint", "step", "step", "checkpoint", "done"]
+    assert events[-2].step == 200 and events[1].eta_s is not None
+    w = load_file(paths[0])
+    assert abs(w["weight"].item() - 3) < 0.05 and abs(w["bias"].item() + 1) < 0.05
+    assert all(torch.equal(before[k], v) for k, v in m.frozen.state_dict().items())
+    assert latest_checkpoint(tmp_path).name == "step-200"
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 1  # older checkpoints are pruned
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path):
+    train(LineFit(), TrainConfig(steps=40, batch_size=8, lr=1e-2, checkpoint_every=20), tmp_path)
+    again = LineFit()
+    events = []
+    train(again, TrainConfig(steps=60, batch_size=8, lr=1e-2), tmp_path, events.append, resume=True)
+    assert "resumed from step 40" in events[0].message
+    assert again.steps_seen == 20
+
+
+def test_cancel_stops_and_keeps_what_was_learnt(tmp_path):
+    cancel = CancelToken()
+    events = []
+
+    def on_event(e):
+        events.append(e)
+        if e.kind == "step" and e.step >= 30:
+            cancel.cancel()
+
+    paths = train(LineFit(), TrainConfig(steps=10_000, batch_size=8, lr=1e-2, log_every=10), tmp_path, on_event,
+                  cancel)
+    assert events[-1].kind == "cancelled" and events[-1].step == 30
+    assert paths[0].is_file() and latest_checkpoint(tmp_path).name == "step-30"
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(HyperrealError, match="--lr must be between 0 and 1"):
+        train(LineFit(), TrainConfig(steps=5, lr=0), tmp_path)
+    with pytest.raises(HyperrealError, match="--steps must be at least 1"):
+        train(LineFit(), TrainConfig(steps=0), tmp_path)
+
+
+def test_job_runs_one_at_a_time_and_streams_until_done(tmp_path):
+    gate = threading.Event()
+    job = TrainingJob(lambda on_event, cancel: train(LineFit(gate), TrainConfig(steps=20, batch_size=4, lr=1e-2,
+                                                                                    log_every=5),
+                                                     tmp_path, on_event, cancel))
+    with pytest.raises(HyperrealError, match="Another training job is running"):
+        TrainingJob(lambda on_event, cancel: [])
+    gate.set()
+    kinds = [e.kind for e in job.events(timeout=60)]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("step") == 4
+    assert job.artifacts and not job.running
+    assert list(TrainingJob(lambda on_event, cancel: []).events(timeout=10)) == []  # the slot is free again
+
+
+def test_job_failure_is_one_message(tmp_path):
+    def boom(on_event, cancel):
+        raise HyperrealError("the dataset has no images")
+
+    job = TrainingJob(boom)
+    with pytest.raises(HyperrealError, match="the dataset has no images"):
+        list(job.events(timeout=10))
