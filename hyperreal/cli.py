@@ -1,4 +1,4 @@
-"""``python -m hyperreal``: generate, models, eval."""
+"""``python -m hyperreal``: generate, models, train, eval."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,11 @@ import time
 import warnings
 from pathlib import Path
 
+from .commands import adapter
 from .errors import HyperrealError
+
+# each method's train/eval subcommands live in hyperreal/commands/<method>.py
+METHOD_COMMANDS = [adapter]
 
 
 def _quiet() -> None:
@@ -22,7 +26,6 @@ def _quiet() -> None:
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
     dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
     tlog.disable_progress_bar()
 
 
@@ -134,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list embedded artifacts: NAME  KIND  PATH")
     m.set_defaults(func=cmd_models)
 
+    t = sub.add_parser("train", help="train a method on the frozen base")
+    tsub = t.add_subparsers(dest="what", required=True)
     e = sub.add_parser("eval", help="measure a model on the shapes world")
     esub = e.add_subparsers(dest="what", required=True)
     eb = esub.add_parser("base", help="colour/shape/position accuracy of a base on held-out prompts")
@@ -143,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     eb.add_argument("--guidance", type=float)
     eb.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     eb.set_defaults(func=cmd_eval_base)
+    for module in METHOD_COMMANDS:
+        module.add_train(tsub)
+        module.add_eval(esub)
     return ap
 
 

@@ -1,6 +1,7 @@
 """Generation jobs: validation, running them on a loaded base, and PNGs that carry their parameters."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -32,6 +33,10 @@ class GenerationJob:
     guidance: float | None = None
     width: int | None = None
     height: int | None = None
+    # method keys, each checked and applied by its method's module (see METHOD_KEYS)
+    adapters: list[dict] | None = None  # [{"path": FILE|DIR|NAME|ID, "weight": 1.0}]
+    bridge: dict | None = None  # {"path": FILE|NAME, "scale": 1.0}
+    controlnet: list[dict] | None = None  # [{"path": NAME|ID|DIR, "image": FILE, "scale": 1.0, "start": 0, "end": 1}]
 
     def resolved(self, defaults: dict) -> "GenerationJob":
         """The job with every unset knob taken from the base's defaults."""
@@ -43,7 +48,7 @@ class GenerationJob:
 
 
 _TYPES = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": (int, float),
-          "width": int, "height": int}
+          "width": int, "height": int, "adapters": list, "bridge": dict, "controlnet": list}
 _REQUIRED = ("prompt", "seed")
 
 
@@ -65,8 +70,11 @@ def job_from_dict(d: dict, where: str = "job") -> GenerationJob:
         if v is None and k not in _REQUIRED:
             continue
         if isinstance(v, bool) or not isinstance(v, _TYPES[k]):
-            want = {str: "a string", int: "an integer"}.get(_TYPES[k], "a number")
+            want = {str: "a string", int: "an integer", list: "a list", dict: "an object"}.get(_TYPES[k], "a number")
             raise _bad(where, f"'{k}' must be {want}, got {json.dumps(v)}")
+    for key in METHOD_KEYS:
+        if d.get(key) is not None:
+            d = {**d, key: _method(key, 0)(d[key], where)}
     job = GenerationJob(**{k: (float(v) if k == "guidance" and v is not None else v) for k, v in d.items()})
     validate(job, where)
     return job
@@ -114,8 +122,11 @@ def parameters_text(job: GenerationJob, model: str, sampler: str) -> str:
     lines = [job.prompt]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
+    methods = {k: getattr(job, k) for k in METHOD_KEYS if getattr(job, k)}
+    # A1111 quotes a value holding commas; the JSON lets "send to form" restore every method's settings
+    extra = f", Hyperreal: {json.dumps(json.dumps(methods))}" if methods else ""
     lines.append(f"Steps: {job.steps}, Sampler: {sampler}, CFG scale: {job.guidance:g}, Seed: {job.seed}, "
-                 f"Size: {job.width}x{job.height}, Model: {model}, Version: hyperreal {__version__}")
+                 f"Size: {job.width}x{job.height}, Model: {model}{extra}, Version: hyperreal {__version__}")
     return "\n".join(lines)
 
 
@@ -130,7 +141,7 @@ def parse_parameters(text: str) -> dict:
     prompt = "\n".join(head[:neg[0]] if neg else head)
     out: dict = {"prompt": prompt,
                  "negative_prompt": "\n".join(head[neg[0]:])[len("Negative prompt:"):].strip() if neg else ""}
-    kv = dict(m.groups() for m in re.finditer(r"\s*([\w ]+):\s*([^,]+)", settings))
+    kv = dict(m.groups() for m in re.finditer(r'\s*([\w ]+):\s*("(?:\\.|[^"\\])*"|[^,]+)', settings))
     conv = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int)}
     for k, (name, f) in conv.items():
         if k in kv:
@@ -140,6 +151,11 @@ def parse_parameters(text: str) -> dict:
         out["width"], out["height"] = int(w), int(h)
     if "Model" in kv:
         out["model"] = kv["Model"].strip()
+    if "Hyperreal" in kv:
+        try:
+            out.update(json.loads(json.loads(kv["Hyperreal"])))
+        except (ValueError, TypeError):
+            pass  # a hand-edited text: keep the plain fields
     return out
 
 
@@ -160,6 +176,36 @@ def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
     return path
 
 
+# --- methods --------------------------------------------------------------------------------------------
+
+# Each method adds one job key. Its module holds two functions:
+#   check(value, where) -> the value normalised, or HyperrealError saying what is wrong;
+#   apply(base, value, call) -> a context manager that changes ``call`` (pipeline and keyword arguments) for this
+#   job only and undoes everything on exit, so the shared pipeline is the plain base between jobs.
+# They apply in this order: adapters change weights, the bridge changes the text conditioning, and ControlNet
+# swaps in its pipeline around the (adapted) UNet.
+METHOD_KEYS = {
+    "adapters": ("hyperreal.adapters", "check_job_adapters", "apply_job_adapters"),
+    "bridge": ("hyperreal.bridge", "check_job_bridge", "apply_job_bridge"),
+    "controlnet": ("hyperreal.controlnet", "check_job_controlnet", "apply_job_controlnet"),
+}
+
+
+def _method(key: str, which: int):
+    import importlib
+
+    module, *funcs = METHOD_KEYS[key]
+    return getattr(importlib.import_module(module), funcs[which])
+
+
+@dataclass
+class PipelineCall:
+    """What one generation calls: a pipeline and its keyword arguments; methods edit both."""
+
+    pipe: object
+    kwargs: dict
+
+
 # --- running --------------------------------------------------------------------------------------------
 
 def sampler_name(pipe) -> str:
@@ -172,11 +218,17 @@ def run_job(base: BaseModel, job: GenerationJob) -> tuple[Image.Image, str]:
     pipe = base.pipe
     # the noise comes from a CPU generator so a seed gives the same image on any device
     gen = torch.Generator(device="cpu").manual_seed(job.seed)
-    with base.lock, torch.inference_mode():
-        out = pipe(prompt=job.prompt, negative_prompt=job.negative_prompt or None, num_inference_steps=job.steps,
-                   guidance_scale=job.guidance, width=job.width, height=job.height, generator=gen,
-                   output_type="pil")
-    image = out.images[0]
+    call = PipelineCall(pipe, dict(prompt=job.prompt, negative_prompt=job.negative_prompt or None,
+                                   num_inference_steps=job.steps, guidance_scale=job.guidance, width=job.width,
+                                   height=job.height, generator=gen, output_type="pil"))
+    with base.lock, contextlib.ExitStack() as stack:
+        for key in METHOD_KEYS:
+            value = getattr(job, key)
+            # adapters also run with an empty list: it switches off whatever an earlier job left loaded
+            if value is not None or key == "adapters":
+                stack.enter_context(_method(key, 1)(base, value, call))
+        with torch.inference_mode():
+            image = call.pipe(**call.kwargs).images[0]
     return image, parameters_text(job, base.name, sampler_name(pipe))
 
 

@@ -1,0 +1,122 @@
+"""``train adapter`` and ``eval adapter``."""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import HyperrealError
+from . import common
+
+
+def add_train(tsub) -> None:
+    ta = tsub.add_parser("adapter", help="an adapter (LoRA, DoRA, LoHa, LoKr, OFT) on a folder of captioned images")
+    common.add_base_arg(ta)
+    ta.add_argument("--data", required=True, help="folder or .zip: metadata.jsonl or NAME.txt captions, or bare "
+                    "images captioned by --trigger")
+    ta.add_argument("--out", required=True, help="output folder (adapter files, checkpoints, samples, summary.json)")
+    ta.add_argument("--kind", default="lora", help="lora | dora | loha | lokr | oft, or full (the whole UNet, for comparison)")
+    common.add_loop_args(ta, steps=300, batch_size=8, lr=None,
+                         lr_help="learning rate (default: per kind, 1e-3 for adapters, 1e-4 for full)")
+    ta.add_argument("--rank", type=int, default=8, help="rank (OFT: block size)")
+    ta.add_argument("--alpha", type=float, help="alpha (default from --preset); the scale is alpha/rank")
+    ta.add_argument("--preset", default="diffusers-like", help="diffusers-like (alpha = rank) | kohya-like (alpha 1)")
+    ta.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(rank) (LoRA/DoRA)")
+    ta.add_argument("--placement", default="attention+ff", help="attention | attention+ff (kohya's default) | all (+ ResNet convs)")
+    ta.add_argument("--train-text-encoder", action="store_true", help="adapt the text encoder too")
+    ta.add_argument("--text-encoder-lr", type=float, help="its own learning rate (default: --lr)")
+    ta.add_argument("--trigger", help="trigger phrase, e.g. 'sks'; captions lacking it get it prepended")
+    ta.add_argument("--class-prompt", action="append", help="prior preservation: class prompt(s) for base-generated images")
+    ta.add_argument("--class-images", type=int, default=0, help="how many class images to generate (0: no prior preservation)")
+    ta.add_argument("--prior-weight", type=float, default=1.0, help="loss weight of class images")
+    ta.add_argument("--repeats", type=int, default=1, help="instance images per epoch (kohya's repeats)")
+    ta.add_argument("--flip", action="store_true", help="random horizontal flips")
+    ta.add_argument("--caption-dropout", type=float, default=0.0, help="probability of training on an empty caption")
+    ta.add_argument("--sample-prompt", action="append", help="prompt(s) for samples (default: the first captions)")
+    ta.add_argument("--drift-samples", type=int, default=8, help="prompts without the trigger used to measure drift")
+    ta.add_argument("--name", default="adapter", help="file name of the adapter")
+    ta.set_defaults(func=train)
+
+
+def add_eval(esub) -> None:
+    ea = esub.add_parser("adapter", help="teach the tiny base the reserved shape 'star' with each adapter kind and "
+                         "a full fine-tune; star rate, drift, accuracy and training time")
+    ea.add_argument("--base", default="tiny")
+    ea.add_argument("--kinds", default="lora,dora,loha,lokr,oft,full")
+    ea.add_argument("--steps", type=int, default=300)
+    ea.add_argument("--batch-size", type=int, default=8)
+    ea.add_argument("--class-images", type=int, default=64, help="prior-preservation images from the base")
+    ea.add_argument("--repeats", type=int, default=8)
+    ea.add_argument("--prompts", type=int, default=32, help="held-out star prompts (and prompts without the trigger)")
+    ea.add_argument("--work", help="folder for datasets and trained files (default: a temporary folder)")
+    ea.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    ea.set_defaults(func=evaluate)
+
+
+def train(args) -> int:
+    from .. import adapters, training
+    from ..loading import load_base
+
+    kind = args.kind
+    if kind not in adapters.KIND_DEFAULTS:
+        raise HyperrealError(f"--kind must be one of {', '.join(adapters.KIND_DEFAULTS)}, got {kind!r}")
+    cfg = common.train_config(args, args.lr or adapters.KIND_DEFAULTS[kind]["lr"])
+    req = adapters.TrainRequest(
+        data=args.data, kind=kind, rank=args.rank, alpha=args.alpha, preset=args.preset, placement=args.placement,
+        rslora=args.rslora, train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
+        trigger=args.trigger, class_prompts=args.class_prompt or [], class_images=args.class_images,
+        prior_weight=args.prior_weight, repeats=args.repeats, flip=args.flip, caption_dropout=args.caption_dropout,
+        sample_prompts=args.sample_prompt or [], name=args.name, seed=args.seed)
+    if kind != "full":
+        req.spec().check()
+    adapters.instance_examples(args.data, args.trigger)  # a bad dataset fails before the base loads
+    out = Path(args.out)
+    base = load_base(args.base)
+    steps, guidance = base.defaults["steps"], base.defaults["guidance"]
+    learner = adapters.make_learner(base, req, out, info={"steps": cfg.steps, "lr": cfg.lr,
+                                                          "batch_size": cfg.batch_size})
+    what = "the whole UNet (full fine-tune)" if kind == "full" else learner.spec.describe()
+    n_class = len(learner.data) - learner.data.n_instances
+    print(f"training {what}: {learner.trained_parameter_count():,} parameters on {learner.data.n_instances} images"
+          + (f" + {n_class} class images" if n_class else ""))
+    t0 = time.time()
+    paths = training.train(learner, cfg, out, on_event=common.console_progress(out), resume=args.resume)
+    train_seconds = time.time() - t0
+    pairs = adapters.default_drift_prompts(base.name, learner.data.captions, args.trigger, args.drift_samples)
+    measured = adapters.drift(learner, pairs, steps, guidance)
+    for p in paths:
+        where = (adapters.describe_file(p)["loads_in"] if p.suffix == ".safetensors" and kind != "full"
+                 else "diffusers (UNet2DConditionModel.from_pretrained)")
+        if p.parent.name == "diffusers":
+            where = "diffusers (load_lora_weights), hyperreal"
+        print(f"wrote {p} (loads in: {where})")
+    print(f"drift on {len(pairs)} prompts without the trigger: mean abs pixel difference {measured['drift']:.2f} "
+          "(0-255) from the base, same seeds")
+    figures = {"kind": kind, "base": base.name, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+               "trained_parameters": learner.trained_parameter_count(),
+               "scale": None if kind == "full" else learner.spec.scale,
+               "rank": None if kind == "full" else req.rank,
+               "alpha": None if kind == "full" else learner.spec.resolved_alpha,
+               "train_seconds": round(train_seconds, 1), "drift": round(measured["drift"], 3),
+               "drift_prompts": len(pairs), "files": [str(p) for p in paths]}
+    return common.finish(args, out, figures)
+
+
+def evaluate(args) -> int:
+    from .. import adapters
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in adapters.KIND_DEFAULTS]
+    if bad or not kinds:
+        raise HyperrealError(f"--kinds takes a comma-separated list of {', '.join(adapters.KIND_DEFAULTS)}, got {args.kinds!r}")
+    if args.steps < 1 or args.prompts < 2:
+        raise HyperrealError("--steps must be at least 1 and --prompts at least 2")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="hyperreal-eval-adapter-"))
+    figures = adapters.star_benchmark(kinds, work, steps=args.steps, batch_size=args.batch_size,
+                                      class_images=args.class_images, repeats=args.repeats, n_prompts=args.prompts,
+                                      base_name=args.base)
+    figures["work"] = str(work)
+    if args.json:
+        print(json.dumps(figures))
+    return 0
