@@ -13,6 +13,7 @@ class Settings:
     port: int = 7860
     share: bool = False
     outputs: Path = Path("outputs")
+    models: Path = Path("models")  # the only local folder a person may name models from (besides outputs)
     max_file_size: str = "50mb"
 
     @classmethod
@@ -25,5 +26,6 @@ class Settings:
             port=int(os.environ.get("HYPERREAL_PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860),
             share=os.environ.get("HYPERREAL_SHARE", "") in ("1", "true", "yes"),
             outputs=Path(os.environ.get("HYPERREAL_OUTPUTS") or "outputs").resolve(),
+            models=Path(os.environ.get("HYPERREAL_MODELS") or "models").resolve(),
             max_file_size=os.environ.get("HYPERREAL_MAX_FILE_SIZE") or "50mb",
         )

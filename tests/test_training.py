@@ -119,3 +119,55 @@ def test_job_failure_is_one_message(tmp_path):
     job = TrainingJob(boom)
     with pytest.raises(HyperrealError, match="the dataset has no images"):
         list(job.events(timeout=10))
+
+
+class SlowLineFit(LineFit):
+    def loss(self, batch):
+        import time
+
+        time.sleep(0.01)
+        return super().loss(batch)
+
+
+def test_zerogpu_trains_in_chunks_that_resume(tmp_path, monkeypatch):
+    """With a `spaces` package present, training runs as several GPU calls, each resuming the last checkpoint."""
+    import sys
+    import types
+
+    from hyperreal import zerogpu
+
+    calls = []
+
+    def GPU(duration):
+        def deco(fn):
+            def run(*a, **k):
+                calls.append(duration)
+                return fn(*a, **k)
+            return run
+        return deco
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=GPU))
+    events = []
+    learner = SlowLineFit()
+    w0 = learner.learn.weight.item()
+    cfg = TrainConfig(steps=60, batch_size=8, lr=0.05, log_every=10)
+    paths = zerogpu.train_in_chunks(learner, cfg, tmp_path, on_event=events.append, chunk_seconds=0.15)
+    assert len(calls) >= 2 and all(d == 15 for d in calls)  # int(0.15) + 15
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == "done" and "cancelled" not in kinds and kinds.count("start") == 1
+    assert any("GPU chunk ended" in e.message for e in events)
+    assert int(latest_checkpoint(tmp_path).name.split("-")[1]) == 60
+    assert paths and abs(learner.learn.weight.item() - 3) < abs(w0 - 3) - 0.5  # learning carried across chunks
+
+
+def test_without_spaces_it_is_one_plain_call(tmp_path, monkeypatch):
+    import sys
+
+    from hyperreal import zerogpu
+
+    monkeypatch.setitem(sys.modules, "spaces", None)  # import fails
+    assert zerogpu.on_gpu(30)(len) is len
+    events = []
+    zerogpu.train_in_chunks(LineFit(), TrainConfig(steps=5, batch_size=4, lr=0.05, log_every=5), tmp_path,
+                            on_event=events.append)
+    assert [e.kind for e in events].count("start") == 1 and events[-1].kind == "done"

@@ -2,18 +2,27 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import gradio as gr
 
 from ..errors import HyperrealError
-from ..generation import GenerationJob, generate_to_folder, parse_parameters
+from ..generation import GenerationJob, generate_to_folder, job_from_dict, parse_parameters
 from ..loading import BaseModel
 from ..settings import Settings
+from .adapters_tab import SLOTS as ADAPTER_SLOTS
+from .adapters_tab import adapters_from_inputs, build_adapters_tab
 from .generate_tab import build_generate_tab
+from ..zerogpu import on_gpu
+from .bridge_tab import build_bridge_tab
+from .controlnet_tab import build_controlnet_tab, units_from_inputs
+from .services import Library, adapter_trainer, condition_map, controlnet_job, save_map, sketch_image
 
 INTRO = """# hyperreal
 Adapt a **frozen** text-to-image model without touching it. Base model: `{name}` — its weights never change here.
 """
+SD15_CONTROLNETS = ["lllyasviel/control_v11p_sd15_canny", "lllyasviel/control_v11p_sd15_openpose"]
 TINY_EXAMPLES = ["a red circle", "a blue square on the left",
                  "a green triangle at the top and a yellow circle at the bottom",
                  "an orange square on the left and a purple circle on the right"]
@@ -30,18 +39,90 @@ def user_errors(fn):
     return wrapper
 
 
+@dataclass
+class MethodInputs:
+    """A method tab's knobs as Generate sees them: the components, how their values become the job's method
+    key, and how an image's parameters put them back."""
+
+    key: str
+    components: list
+    to_job: Callable[[list, int, int], object]  # (values, width, height) -> the job key's value (None: off)
+    restore: Callable[[dict], list]  # parsed parameters -> values (gr.update() to leave one alone)
+
+
 def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
+    library = Library(settings)
+    methods: list[MethodInputs] = []
+
     @user_errors
-    def generate(prompt, negative, seed, steps, guidance, width, height, count):
+    @on_gpu(duration=120)
+    def generate(prompt, negative, seed, steps, guidance, width, height, count, *extra):
         job = GenerationJob(prompt=prompt, seed=seed, negative_prompt=negative or "", steps=steps,
                             guidance=guidance, width=width, height=height)
+        i = 0
+        for m in methods:
+            value = m.to_job(list(extra[i:i + len(m.components)]), int(width), int(height))
+            i += len(m.components)
+            if value:
+                setattr(job, m.key, value)
+        # a method value goes through the same checks as a jobs file
+        job = job_from_dict({k: v for k, v in asdict(job).items() if v is not None}, "Generate")
         return generate_to_folder(base, job, count, settings.outputs)
 
+    def adapters_job(values, width, height):
+        items = adapters_from_inputs(values)
+        return [{**it, "path": library.check_source(it["path"], "adapter")} for it in items] or None
+
+    def adapters_restore(d):
+        items = d.get("adapters") or []
+        out = []
+        for i in range(ADAPTER_SLOTS):
+            it = items[i] if i < len(items) else None
+            out += [bool(it), it["path"] if it else "", it["weight"] if it else 1.0]
+        return out
+
+    def controlnet_choices():
+        hub = [] if base.name == "tiny" else [(f"{h} (hub)", h) for h in SD15_CONTROLNETS]
+        return library.choices("controlnet") + hub
+
+    def controlnet_to_job(values, width, height):
+        guess, units = units_from_inputs(values)
+        return controlnet_job(library, guess, units)
+
+    def bridge_to_job(values, width, height):
+        on, path, scale = values
+        return {"path": library.check_source(path, "bridge"), "scale": float(scale)} if on and path else None
+
+    def bridge_restore(d):
+        b = d.get("bridge")
+        return [True, b["path"], b.get("scale", 1.0)] if b else [False, gr.update(), gr.update()]
+
+    def keep(n):
+        return lambda d: [gr.update() for _ in range(n)]
+
+    @user_errors
+    def preview(source, image, sketch, low, high, resize, width, height):
+        if image is None and source != "scribble" or source == "scribble" and sketch_image(sketch) is None:
+            return None, "", None  # nothing to map yet
+        res = condition_map(source, image, sketch, low, high, resize, int(width), int(height))
+        return res.image, f"*{res.note}* (`{res.extractor}`)", save_map(settings, res.image)
+
     examples = TINY_EXAMPLES if base.name == "tiny" else ["a photo of an astronaut riding a horse on mars"]
+    caption = "a sks star" if base.name == "tiny" else "a photo of sks person"
     with gr.Blocks(title="hyperreal") as demo:
         gr.Markdown(INTRO.format(name=base.name))
         with gr.Tabs():
-            build_generate_tab(generate, parse_parameters, base.defaults, examples)
+            gen_tab = build_generate_tab(generate, parse_parameters, base.defaults, examples)
+            ad = build_adapters_tab(lambda: library.choices("adapter"), adapter_trainer(base, library),
+                                    caption)
+            methods.append(MethodInputs("adapters", ad["inputs"], adapters_job, adapters_restore))
+            cn = build_controlnet_tab(controlnet_choices, preview, None, None, caption)
+            methods.append(MethodInputs("controlnet", cn["inputs"], controlnet_to_job, keep(len(cn["inputs"]))))
+            br = build_bridge_tab(lambda: library.choices("bridge"), None, None, caption)
+            methods.append(MethodInputs("bridge", br["inputs"], bridge_to_job, bridge_restore))
+        cn["wire_preview"](gen_tab["width"], gen_tab["height"])
+        gen_tab["connect"]([c for m in methods for c in m.components],
+                           lambda d: [v for m in methods for v in m.restore(d)])
     demo.queue(default_concurrency_limit=1)
     return demo
 

@@ -16,9 +16,10 @@ def png_parameters(path: str) -> str:
         return im.info.get("parameters", "")
 
 
-def build_generate_tab(generate: Callable, parse_parameters: Callable, defaults: dict, examples: list[str]) -> None:
-    """``generate(prompt, negative, seed, steps, guidance, width, height, count) -> [(png_path, parameters)]``;
-    ``parse_parameters(text) -> dict`` reads a parameters text back into form fields."""
+def build_generate_tab(generate: Callable, parse_parameters: Callable, defaults: dict, examples: list[str]) -> dict:
+    """``generate(prompt, negative, seed, steps, guidance, width, height, count, *method_knobs) ->
+    [(png_path, parameters)]``; ``parse_parameters(text) -> dict`` reads a parameters text back into form fields.
+    Returns ``connect(extra_inputs, restore_extra)`` (called once the method tabs exist), ``width``, ``height``."""
     with gr.Tab("Generate", id="generate"):
         with gr.Row():
             with gr.Column(scale=2):
@@ -36,6 +37,8 @@ def build_generate_tab(generate: Callable, parse_parameters: Callable, defaults:
                     width = gr.Slider(64, 1024, value=defaults["width"], step=8, label="Width")
                     height = gr.Slider(64, 1024, value=defaults["height"], step=8, label="Height")
                 run = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                gr.Markdown("Everything switched on in the **Adapters**, **ControlNet** and **Encoder bridge** tabs "
+                            "applies here, together. Trained results appear in those tabs' lists at once.")
                 if examples:
                     gr.Examples(examples=[[e] for e in examples], inputs=[prompt], label="Try")
             with gr.Column(scale=3):
@@ -46,14 +49,13 @@ def build_generate_tab(generate: Callable, parse_parameters: Callable, defaults:
 
         dice.click(lambda: random.randint(0, MAX_SEED), outputs=seed, api_name="random_seed", queue=False)
 
-        def _generate(p, n, s, st, g, w, h, c):
-            results = generate(p, n, int(s), int(st), float(g), int(w), int(h), int(c))
+        def _generate(prompt, negative_prompt, seed, steps, guidance, width, height, count, *method_knobs):
+            results = generate(prompt, negative_prompt, int(seed), int(steps), float(guidance), int(width),
+                               int(height), int(count), *method_knobs)
             gallery_items = [(str(path), f"seed {parse_parameters(params).get('seed', '')}") for path, params in results]
             return gallery_items, results[-1][1] if results else ""
 
         inputs = [prompt, negative, seed, steps, guidance, width, height, count]
-        run.click(_generate, inputs, [gallery, info], api_name="generate", concurrency_id="gpu")
-        prompt.submit(_generate, inputs, [gallery, info], api_name="generate_on_enter", concurrency_id="gpu")
 
         def _selected(evt: gr.SelectData):
             value = evt.value or {}
@@ -62,13 +64,23 @@ def build_generate_tab(generate: Callable, parse_parameters: Callable, defaults:
 
         gallery.select(_selected, None, info, api_name="show_parameters", queue=False)
 
-        def _reuse(text):
-            d = parse_parameters(text or "")
-            if not d:
-                raise gr.Error("Select an image in the gallery first.")
-            return (d.get("prompt", ""), d.get("negative_prompt", ""), d.get("seed", 0),
-                    d.get("steps", defaults["steps"]), d.get("guidance", defaults["guidance"]),
-                    d.get("width", defaults["width"]), d.get("height", defaults["height"]))
+        def connect(extra_inputs: list, restore_extra: Callable[[dict], list] | None = None) -> None:
+            """Wire Generate once every tab exists: ``extra_inputs`` are the method tabs' knobs (appended to
+            generate's arguments); ``restore_extra(parameters) -> values`` puts an image's method settings back."""
+            ins = inputs + list(extra_inputs)
+            run.click(_generate, ins, [gallery, info], api_name="generate", concurrency_id="gpu")
+            prompt.submit(_generate, ins, [gallery, info], api_name="generate_on_enter", concurrency_id="gpu")
 
-        reuse.click(_reuse, info, [prompt, negative, seed, steps, guidance, width, height], api_name="reuse_settings",
-                    queue=False)
+            def _reuse(text):
+                d = parse_parameters(text or "")
+                if not d:
+                    raise gr.Error("Select an image in the gallery first.")
+                base = (d.get("prompt", ""), d.get("negative_prompt", ""), d.get("seed", 0),
+                        d.get("steps", defaults["steps"]), d.get("guidance", defaults["guidance"]),
+                        d.get("width", defaults["width"]), d.get("height", defaults["height"]))
+                return (*base, *(restore_extra(d) if restore_extra else [gr.update() for _ in extra_inputs]))
+
+            reuse.click(_reuse, info, [prompt, negative, seed, steps, guidance, width, height, *extra_inputs],
+                        api_name="reuse_settings", queue=False)
+
+    return {"connect": connect, "width": width, "height": height}

@@ -65,4 +65,98 @@ def test_settings_go_back_to_the_form(app_url):
     client = Client(app_url[0], verbose=False)
     text = "a blue square\nNegative prompt: red\nSteps: 7, Sampler: X, CFG scale: 3.5, Seed: 9, Size: 64x64, Model: tiny"
     out = client.predict(text, api_name="/reuse_settings")
-    assert list(out) == ["a blue square", "red", 9, 7, 3.5, 64, 64]
+    assert list(out)[:7] == ["a blue square", "red", 9, 7, 3.5, 64, 64]
+    # method settings in the text come back too
+    text += ', Hyperreal: "{\\"adapters\\": [{\\"path\\": \\"x.safetensors\\", \\"weight\\": 0.5}]}"'
+    out = client.predict(text, api_name="/reuse_settings")
+    assert list(out)[7:10] == [True, "x.safetensors", 0.5]
+
+
+# --- training in the app --------------------------------------------------------------------------------
+
+# the Train panel's knobs, in order (see ui/adapters_tab.py)
+def adapter_knobs(steps, **over):
+    k = dict(kind="lora", placement="attention+ff", name="app_lora", rank=4, preset="diffusers-like", alpha=None,
+             rslora=False, steps=steps, batch_size=2, lr=1e-3, sample_every=5, trigger="sks", repeats=1, flip=False,
+             caption_dropout=0.0, class_prompt="", class_images=0, train_text_encoder=False, text_encoder_lr=None)
+    k.update(over)
+    return list(k.values())
+
+
+@pytest.fixture(scope="module")
+def star_files(tmp_path_factory):
+    from hyperreal.adapters import star_dataset
+
+    folder = star_dataset(tmp_path_factory.mktemp("stars"), n=4)
+    return sorted(folder.glob("*.png"))
+
+
+def upload(client, files, caption):
+    from gradio_client import handle_file
+
+    table = client.predict([handle_file(str(f)) for f in files], caption, api_name="/adapter_load_data")
+    assert [row[1] for row in table["data"]] == [caption] * len(files)
+    return table
+
+
+def test_train_adapter_then_use_it_in_generate(app_url, star_files):
+    from gradio_client import Client
+
+    url, settings = app_url
+    client = Client(url, verbose=False)
+    table = upload(client, star_files, "a red sks star")
+    job = client.submit(table, *adapter_knobs(10), api_name="/train_adapter")
+    final = job.result(timeout=600)
+    # outputs (the job's State stays on the server): status, loss plot, samples, files
+    statuses = [o[0] for o in job.outputs()]
+    assert any(s.startswith("Step ") and "loss" in s and "ETA" in s for s in statuses), statuses
+    assert final[0].startswith("Finished.") and "Drift on 4 prompts" in final[0], final[0]
+    assert final[2], "validation samples were streamed"
+    files = [f if isinstance(f, str) else f["path"] for f in final[3]]
+    kohya = [f for f in files if f.endswith("app_lora.safetensors")]
+    assert kohya, files
+    trained = [p for p in (settings.outputs / "trained" / "adapter").rglob("app_lora.safetensors")]
+    assert len(trained) == 1
+    # the artifact is selectable in Generate at once, and changes the image
+    choices = client.predict(api_name="/adapters_refresh")
+    base = client.predict("a red circle", "", 5, 8, 5.0, 64, 64, 1, False, None, 1.0, api_name="/generate")
+    adapted = client.predict("a red circle", "", 5, 8, 5.0, 64, 64, 1, True, str(trained[0]), 1.0,
+                             api_name="/generate")
+    assert "Hyperreal:" in adapted[1] and "Hyperreal:" not in base[1]
+    with Image.open(base[0][0]["image"]) as a, Image.open(adapted[0][0]["image"]) as b:
+        assert a.tobytes() != b.tobytes()
+    off = client.predict("a red circle", "", 5, 8, 5.0, 64, 64, 1, False, str(trained[0]), 1.0, api_name="/generate")
+    with Image.open(base[0][0]["image"]) as a, Image.open(off[0][0]["image"]) as b:
+        assert a.tobytes() == b.tobytes()  # switched off, the base is untouched
+
+
+def test_stop_keeps_the_checkpoint(app_url, star_files):
+    import time
+
+    from gradio_client import Client
+
+    url, settings = app_url
+    client = Client(url, verbose=False)
+    table = upload(client, star_files, "a blue sks star")
+    job = client.submit(table, *adapter_knobs(3000, name="stopped", sample_every=0), api_name="/train_adapter")
+    t0 = time.time()
+    while not any(str(o[0]).startswith("Step ") for o in job.outputs()):
+        assert time.time() - t0 < 120 and not job.done(), job.outputs()
+        time.sleep(0.5)
+    said = client.predict(api_name="/stop_adapter")
+    assert "Stopping" in said
+    final = job.result(timeout=120)
+    assert final[0].startswith("Stopped early"), final[0]
+    run = next((settings.outputs / "trained" / "adapter").glob("*-stopped"))
+    checkpoints = list((run / "checkpoints").glob("step-*"))
+    assert checkpoints and int(checkpoints[0].name.split("-")[1]) < 3000
+    assert (run / "stopped.safetensors").is_file()
+
+
+def test_user_cannot_name_files_outside_the_allowed_folders(app_url):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(app_url[0], verbose=False)
+    with pytest.raises(AppError, match="is not allowed"):
+        client.predict("a red circle", "", 5, 4, 5.0, 64, 64, 1, True, "/etc/passwd", 1.0, api_name="/generate")

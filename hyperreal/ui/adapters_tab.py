@@ -1,0 +1,108 @@
+"""The Adapters tab: pick adapters and their weights for Generate; train a new one (LoRA, DoRA, LoHa, LoKr, OFT)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import gradio as gr
+
+from .train_panel import build_train_panel
+
+SLOTS = 3
+WHAT = """**Frozen:** the whole base model (UNet, VAE, text encoder). **Learns:** small modules added beside its
+layers — LoRA, DoRA, LoHa, LoKr or OFT through PEFT — a few hundred thousand numbers instead of millions. An
+adapter starts as an exact no-op, so training begins from the base's behaviour. After training, *drift* measures
+how far images for prompts **without** your trigger moved from the base: the knowledge you wanted to keep."""
+KINDS = [("LoRA", "lora"), ("DoRA", "dora"), ("LoHa", "loha"), ("LoKr", "lokr"), ("OFT", "oft"),
+         ("Full UNet fine-tune (comparison; not an adapter)", "full")]
+PLACEMENTS = [("attention (to_q, to_k, to_v, to_out.0)", "attention"),
+              ("attention + projections + feed-forward (kohya's default)", "attention+ff"),
+              ("all of the above + ResNet convolutions", "all")]
+
+
+def effective_scale(kind: str, rank: float, alpha: float | None, preset: str, rslora: bool, lr: float | None) -> str:
+    """The factor the update is multiplied by, shown next to the learning rate (tools differ here)."""
+    if kind == "oft":
+        return "OFT is a rotation: no alpha/rank scale."
+    if kind == "full":
+        return "Full fine-tune: every UNet weight learns (lr default 1e-4)."
+    rank = max(int(rank or 1), 1)
+    a = float(alpha) if alpha else (1.0 if preset == "kohya-like" else float(rank))
+    scale = a / (rank ** 0.5 if rslora else rank)
+    how = "alpha/√rank (rsLoRA)" if rslora else "alpha/rank"
+    return (f"Effective scale **{scale:.4g}** = {how} with alpha {a:g}, rank {rank}; learning rate "
+            f"{lr or 1e-3:g}. kohya-like (alpha 1) needs a higher lr than diffusers-like (alpha = rank).")
+
+
+def build_adapters_tab(choices: Callable[[], list], start_training: Callable, default_caption: str) -> dict:
+    """``choices() -> [(label, value)]`` lists adapters; ``start_training`` is the Train panel's start."""
+    slots = []
+    with gr.Tab("Adapters", id="adapters"):
+        gr.Markdown(WHAT)
+        with gr.Group():
+            gr.Markdown("### Use\nThe adapters switched on here apply to every image made in **Generate**, each "
+                        "at its weight (0 = off, negative = the opposite). Pick a trained or embedded adapter, or "
+                        "type a hub id or a file under the models folder (kohya or diffusers LoRA keys).")
+            for i in range(SLOTS):
+                with gr.Row():
+                    on = gr.Checkbox(label="on", value=False, scale=0, min_width=60)
+                    path = gr.Dropdown(choices=choices(), label=f"Adapter {i + 1}", allow_custom_value=True,
+                                       value="", scale=3)
+                    weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", scale=2)
+                slots.append((on, path, weight))
+            refresh = gr.Button("↻ Refresh the list", size="sm")
+        refresh.click(lambda: [gr.Dropdown(choices=choices()) for _ in range(SLOTS)], None,
+                      [p for _, p, _ in slots], api_name="adapters_refresh", queue=False)
+
+        def knobs() -> dict:
+            with gr.Row():
+                kind = gr.Dropdown(KINDS, value="lora", label="Kind")
+                placement = gr.Dropdown(PLACEMENTS, value="attention+ff", label="Placement (UNet)")
+                name = gr.Textbox(label="Name", value="my_adapter")
+            with gr.Row():
+                rank = gr.Slider(1, 64, value=8, step=1, label="Rank (OFT: block size)")
+                preset = gr.Radio(["diffusers-like", "kohya-like"], value="diffusers-like", label="Alpha preset")
+                alpha = gr.Number(label="Alpha (empty: from preset)", value=None)
+                rslora = gr.Checkbox(label="rsLoRA (alpha/√rank)")
+            with gr.Row():
+                steps = gr.Slider(10, 3000, value=300, step=10, label="Steps")
+                batch = gr.Slider(1, 32, value=8, step=1, label="Batch size")
+                lr = gr.Number(label="Learning rate", value=1e-3)
+                sample_every = gr.Slider(0, 500, value=50, step=10, label="Samples every N steps (0: end only)")
+            scale = gr.Markdown(effective_scale("lora", 8, None, "diffusers-like", False, 1e-3))
+            with gr.Row():
+                trigger = gr.Textbox(label="Trigger phrase (added to captions lacking it)", value="sks")
+                repeats = gr.Slider(1, 20, value=1, step=1, label="Repeats")
+                flip = gr.Checkbox(label="Horizontal flips")
+                dropout = gr.Slider(0, 0.5, value=0.0, step=0.05, label="Caption dropout")
+            with gr.Accordion("Prior preservation and text encoder", open=False):
+                with gr.Row():
+                    class_prompt = gr.Textbox(label="Class prompt(s), separated by |", value="")
+                    class_images = gr.Slider(0, 200, value=0, step=1, label="Class images from the base")
+                with gr.Row():
+                    train_te = gr.Checkbox(label="Adapt the text encoder too")
+                    te_lr = gr.Number(label="Text encoder learning rate (empty: same)", value=None)
+            gr.on([c.change for c in (kind, rank, alpha, preset, rslora, lr)], effective_scale,
+                  [kind, rank, alpha, preset, rslora, lr], scale, queue=False, api_name="adapter_effective_scale")
+            kind.change(lambda k: 1e-4 if k == "full" else 1e-3, kind, lr, queue=False,
+                        api_name="adapter_default_lr")
+            return {"kind": kind, "placement": placement, "name": name, "rank": rank, "preset": preset,
+                    "alpha": alpha, "rslora": rslora, "steps": steps, "batch_size": batch, "lr": lr,
+                    "sample_every": sample_every, "trigger": trigger, "repeats": repeats, "flip": flip,
+                    "caption_dropout": dropout, "class_prompt": class_prompt, "class_images": class_images,
+                    "train_text_encoder": train_te, "text_encoder_lr": te_lr}
+
+        panel = build_train_panel("adapter", knobs, start_training, default_caption)
+        # a finished run appears in the slots' lists at once
+        panel["done"].then(lambda: [gr.Dropdown(choices=choices()) for _ in range(SLOTS)], None,
+                           [p for _, p, _ in slots], api_name="adapters_refresh_after_training", queue=False)
+    return {"slots": slots, "inputs": [c for slot in slots for c in slot], "panel": panel}
+
+
+def adapters_from_inputs(values: list) -> list[dict]:
+    """The slots' (on, path, weight) values -> a job's ``adapters`` list."""
+    out = []
+    for i in range(0, len(values), 3):
+        on, path, weight = values[i:i + 3]
+        if on and path:
+            out.append({"path": str(path), "weight": float(weight)})
+    return out
