@@ -9,11 +9,11 @@ import time
 import warnings
 from pathlib import Path
 
-from .commands import adapter
+from .commands import adapter, bridge, controlnet
 from .errors import HyperrealError
 
 # each method's train/eval subcommands live in hyperreal/commands/<method>.py
-METHOD_COMMANDS = [adapter]
+METHOD_COMMANDS = [adapter, bridge, controlnet]
 
 
 def _quiet() -> None:
