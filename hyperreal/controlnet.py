@@ -69,7 +69,9 @@ def new_controlnet(pipe, conditioning_channels: tuple[int, ...] | None = None):
     from diffusers import ControlNetModel
 
     chans = tuple(conditioning_channels or conditioning_channels_for(pipe.vae_scale_factor))
-    cn = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=chans)
+    from .adapters import plain
+
+    cn = ControlNetModel.from_unet(plain(pipe.unet), conditioning_embedding_out_channels=chans)
     return cn.to(device=pipe.unet.device, dtype=torch.float32)
 
 

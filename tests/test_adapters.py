@@ -294,6 +294,31 @@ def test_generate_jobs_apply_adapters_without_leaking(base, tmp_path):
     assert same.tobytes() == adapted.tobytes()
 
 
+def test_copies_of_the_base_leave_loaded_adapters_behind(base, tmp_path):
+    """The shared base keeps job adapters loaded; a ControlNet built from it, or a full fine-tune's copy, must hold
+    the base weights alone (the app trains a ControlNet after an adapter job; this failed before)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from hyperreal.controlnet import new_controlnet
+
+    pipe = base.pipe
+    clean = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    torch.manual_seed(0)  # the conditioning embedding's first convolutions start random
+    ref = new_controlnet(pipe).state_dict()
+    run_job(base, job_from_dict({"prompt": "a red circle", "seed": 3, "steps": 2,
+                                 "adapters": [{"path": str(_lora_file(pipe, tmp_path, 1, "a")), "weight": 1.0}]}))
+    assert any(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())  # kept loaded for the next job
+    torch.manual_seed(0)
+    cn = new_controlnet(pipe).state_dict()
+    assert cn.keys() == ref.keys() and all(torch.equal(cn[k], ref[k]) for k in ref)
+    copy_ = A.plain(pipe.unet).state_dict()
+    assert copy_.keys() == clean.keys() and all(torch.equal(copy_[k], clean[k]) for k in clean)
+    for name in list(A._registry(pipe)):
+        A.remove_adapter(pipe, name)
+    assert not any(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())  # plain modules again
+    assert pipe.unet.state_dict().keys() == clean.keys()
+
+
 def test_several_adapters_weights_and_fuse(base, tmp_path):
     pipe = base.pipe
     a = A.load_adapter(pipe, str(_lora_file(pipe, tmp_path / "a", 1, "a")))

@@ -17,7 +17,7 @@ def add_train(tsub) -> None:
                     "images captioned by --trigger")
     ta.add_argument("--out", required=True, help="output folder (adapter files, checkpoints, samples, summary.json)")
     ta.add_argument("--kind", default="lora", help="lora | dora | loha | lokr | oft, or full (the whole UNet, for comparison)")
-    common.add_loop_args(ta, steps=300, batch_size=8, lr=None,
+    common.add_loop_args(ta, steps=600, batch_size=8, lr=None,
                          lr_help="learning rate (default: per kind, 1e-3 for adapters, 1e-4 for full)")
     ta.add_argument("--rank", type=int, default=8, help="rank (OFT: block size)")
     ta.add_argument("--alpha", type=float, help="alpha (default from --preset); the scale is alpha/rank")
@@ -44,7 +44,7 @@ def add_eval(esub) -> None:
                          "a full fine-tune; star rate, drift, accuracy and training time")
     ea.add_argument("--base", default="tiny")
     ea.add_argument("--kinds", default="lora,dora,loha,lokr,oft,full")
-    ea.add_argument("--steps", type=int, default=300)
+    ea.add_argument("--steps", type=int, default=600)
     ea.add_argument("--batch-size", type=int, default=8)
     ea.add_argument("--class-images", type=int, default=64, help="prior-preservation images from the base")
     ea.add_argument("--repeats", type=int, default=8)

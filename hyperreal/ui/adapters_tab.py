@@ -14,7 +14,8 @@ adapter starts as an exact no-op, so training begins from the base's behaviour. 
 how far images for prompts **without** your trigger moved from the base: the knowledge you wanted to keep."""
 KINDS = [("LoRA", "lora"), ("DoRA", "dora"), ("LoHa", "loha"), ("LoKr", "lokr"), ("OFT", "oft"),
          ("Full UNet fine-tune (comparison; not an adapter)", "full")]
-PLACEMENTS = [("attention (to_q, to_k, to_v, to_out.0)", "attention"),
+PLACEMENTS = [("cross-attention keys/values only (Custom Diffusion)", "cross-attention"),
+              ("attention (to_q, to_k, to_v, to_out.0)", "attention"),
               ("attention + projections + feed-forward (kohya's default)", "attention+ff"),
               ("all of the above + ResNet convolutions", "all")]
 
@@ -64,7 +65,7 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                 alpha = gr.Number(label="Alpha (empty: from preset)", value=None)
                 rslora = gr.Checkbox(label="rsLoRA (alpha/√rank)")
             with gr.Row():
-                steps = gr.Slider(10, 3000, value=300, step=10, label="Steps")
+                steps = gr.Slider(10, 3000, value=600, step=10, label="Steps")
                 batch = gr.Slider(1, 32, value=8, step=1, label="Batch size")
                 lr = gr.Number(label="Learning rate", value=1e-3)
                 sample_every = gr.Slider(0, 500, value=50, step=10, label="Samples every N steps (0: end only)")

@@ -15,13 +15,19 @@ from .adapters_tab import SLOTS as ADAPTER_SLOTS
 from .adapters_tab import adapters_from_inputs, build_adapters_tab
 from .generate_tab import build_generate_tab
 from ..zerogpu import on_gpu
-from .bridge_tab import build_bridge_tab
-from .controlnet_tab import build_controlnet_tab, units_from_inputs
-from .services import Library, adapter_trainer, condition_map, controlnet_job, save_map, sketch_image
+from ..bridge import MODE_DEFAULTS as BRIDGE_DEFAULTS
+from .bridge_tab import bridge_train_knobs, build_bridge_tab
+from .controlnet_tab import build_controlnet_tab, controlnet_train_knobs, units_from_inputs
+from .services import (Library, adapter_trainer, bridge_trainer, condition_map, controlnet_job, controlnet_trainer,
+                       save_map, sketch_image)
 
 INTRO = """# hyperreal
 Adapt a **frozen** text-to-image model without touching it. Base model: `{name}` — its weights never change here.
 """
+# the ControlNet Train panel's starting values: on tiny, tiny-canny's learning rate with fewer steps; on SD1.5
+# the paper's 1e-5
+CONTROLNET_DEFAULTS = {"tiny": {"steps": 500, "batch_size": 16, "lr": 3e-4, "sample_every": 100},
+                       "sd": {"steps": 1000, "batch_size": 4, "lr": 1e-5, "sample_every": 200}}
 SD15_CONTROLNETS = ["lllyasviel/control_v11p_sd15_canny", "lllyasviel/control_v11p_sd15_openpose"]
 TINY_EXAMPLES = ["a red circle", "a blue square on the left",
                  "a green triangle at the top and a yellow circle at the bottom",
@@ -116,9 +122,12 @@ def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
             ad = build_adapters_tab(lambda: library.choices("adapter"), adapter_trainer(base, library),
                                     caption)
             methods.append(MethodInputs("adapters", ad["inputs"], adapters_job, adapters_restore))
-            cn = build_controlnet_tab(controlnet_choices, preview, None, None, caption)
+            cn_defaults = CONTROLNET_DEFAULTS["tiny" if base.name == "tiny" else "sd"]
+            cn = build_controlnet_tab(controlnet_choices, preview, controlnet_trainer(base, library),
+                                      lambda: controlnet_train_knobs(cn_defaults), caption)
             methods.append(MethodInputs("controlnet", cn["inputs"], controlnet_to_job, keep(len(cn["inputs"]))))
-            br = build_bridge_tab(lambda: library.choices("bridge"), None, None, caption)
+            br = build_bridge_tab(lambda: library.choices("bridge"), bridge_trainer(base, library),
+                                  lambda: bridge_train_knobs(BRIDGE_DEFAULTS, base.name == "tiny"), caption)
             methods.append(MethodInputs("bridge", br["inputs"], bridge_to_job, bridge_restore))
         cn["wire_preview"](gen_tab["width"], gen_tab["height"])
         gen_tab["connect"]([c for m in methods for c in m.components],

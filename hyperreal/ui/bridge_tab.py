@@ -30,7 +30,40 @@ def build_bridge_tab(choices: Callable[[], list], start_training: Callable | Non
         refresh.click(lambda: gr.Dropdown(choices=choices()), None, path, api_name="bridge_refresh", queue=False)
         panel = None
         if start_training is not None:
-            panel = build_train_panel("bridge", train_knobs, start_training, default_caption)
+            panel = build_train_panel("bridge", train_knobs, start_training, default_caption, data_optional=True)
             panel["done"].then(lambda: gr.Dropdown(choices=choices()), None, path,
                                api_name="bridge_refresh_after_training", queue=False)
     return {"inputs": [on, path, scale], "panel": panel}
+
+
+def bridge_train_knobs(defaults: dict, shapes_world: bool) -> dict:
+    """The bridge Train panel's knobs; ``defaults[mode]`` holds steps, batch_size and lr."""
+    sources = [("The uploaded captioned images above", "uploaded"), ("Captions typed below (swap mode)", "captions")]
+    if shapes_world:
+        sources.insert(0, ("The shapes world's captions (tiny base)", "shapes"))
+    with gr.Row():
+        mode = gr.Radio([("fuse: gated cross-attention", "fuse"), ("swap: bridge into the base encoder's space",
+                                                                       "swap")], value="fuse", label="Mode")
+        source = gr.Dropdown(sources, value=sources[0][1], label="Training data")
+        encoder = gr.Textbox(label="Extra encoder (hub id or folder; empty: the base's default)", value="")
+        name = gr.Textbox(label="Name", value="my_bridge")
+    captions = gr.Textbox(label="Captions, one per line", lines=4, visible=False)
+    with gr.Row():
+        steps = gr.Slider(10, 5000, value=defaults["fuse"]["steps"], step=10, label="Steps")
+        batch = gr.Slider(1, 256, value=defaults["fuse"]["batch_size"], step=1, label="Batch size")
+        lr = gr.Number(label="Learning rate", value=defaults["fuse"]["lr"])
+        lora = gr.Slider(0, 64, value=0, step=1, label="LoRA rank on the extra encoder (0: off)")
+        diffusion = gr.Slider(0, 2000, value=0, step=10, label="swap: diffusion-loss steps after distillation",
+                              visible=False)
+        sample_every = gr.Slider(0, 1000, value=100, step=10, label="Samples every N steps (0: end only)")
+
+    def mode_changed(m):
+        d = defaults[m]
+        return d["steps"], d["batch_size"], d["lr"], gr.Slider(visible=m == "swap")
+
+    mode.change(mode_changed, mode, [steps, batch, lr, diffusion], queue=False, api_name="bridge_mode_defaults")
+    source.change(lambda s: gr.Textbox(visible=s == "captions"), source, captions, queue=False,
+                  api_name="bridge_data_source")
+    return {"mode": mode, "data_source": source, "encoder": encoder, "name": name, "captions": captions,
+            "steps": steps, "batch_size": batch, "lr": lr, "lora_rank": lora, "diffusion_steps": diffusion,
+            "sample_every": sample_every}

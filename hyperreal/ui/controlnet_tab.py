@@ -82,6 +82,27 @@ def build_controlnet_tab(choices: Callable[[], list], preview: Callable, start_t
             "size_inputs": size_inputs}
 
 
+def controlnet_train_knobs(defaults: dict) -> dict:
+    """The ControlNet Train panel's knobs; ``defaults`` holds steps, batch_size and lr for this base."""
+    with gr.Row():
+        extractor = gr.Dropdown([("Canny edges", "canny"), ("Soft edges", "softedge"), ("Body pose", "pose")],
+                                value="canny", label="Condition maps from the images")
+        low = gr.Slider(0, 255, value=100, step=1, label="Canny low")
+        high = gr.Slider(0, 255, value=200, step=1, label="Canny high")
+        name = gr.Textbox(label="Name", value="my_controlnet")
+    with gr.Row():
+        steps = gr.Slider(10, 5000, value=defaults["steps"], step=10, label="Steps")
+        batch = gr.Slider(1, 64, value=defaults["batch_size"], step=1, label="Batch size")
+        lr = gr.Number(label="Learning rate", value=defaults["lr"])
+        dropout = gr.Slider(0, 0.9, value=0.5, step=0.05, label="Caption dropout (paper: 0.5)")
+        sample_every = gr.Slider(0, 1000, value=defaults.get("sample_every", 50), step=10,
+                                 label="Samples every N steps (0: end only)")
+        checkpointing = gr.Checkbox(label="Gradient checkpointing (less memory, slower)")
+    return {"extractor": extractor, "canny_low": low, "canny_high": high, "name": name, "steps": steps,
+            "batch_size": batch, "lr": lr, "caption_dropout": dropout, "sample_every": sample_every,
+            "gradient_checkpointing": checkpointing}
+
+
 def units_from_inputs(values: list) -> tuple[bool, list[dict]]:
     """(guess mode, the switched-on units as dicts) from the tab's input values."""
     guess, rest = bool(values[0]), values[1:]

@@ -34,7 +34,14 @@ class Library:
         items[:] = [(lbl, p) for lbl, p in items if p != str(path)] + [(label, str(path))]
 
     def choices(self, kind: str) -> list[tuple[str, str]]:
-        emb = [(f"{a.name} (embedded)", a.name) for a in embedded_artifacts() if a.kind == kind]
+        emb = []
+        for a in embedded_artifacts():
+            if a.kind != kind:
+                continue
+            # an artifact holding several files (tiny-bridge: swap and fuse) offers each as NAME:VARIANT
+            files, default = a.info.get("files") or {}, a.info.get("default")
+            emb.append((f"{a.name}{f' ({default})' if default else ''} (embedded)", a.name))
+            emb += [(f"{a.name}:{v} (embedded)", f"{a.name}:{v}") for v in files if v != default]
         return emb + [(f"{label} (trained)", p) for label, p in reversed(self.trained.get(kind, []))]
 
     def check_source(self, value: str, what: str) -> str:
@@ -73,9 +80,20 @@ def progress_info(on_event, step: int, total: int, message: str) -> None:
     on_event(ProgressEvent("info", step, total, message=message))
 
 
+def loop_config(knobs: dict, lr: float):
+    """The shared loop's settings from a Train panel's knobs (steps, batch size, samples every N steps)."""
+    from ..training import TrainConfig
+
+    steps = int(knobs["steps"])
+    cfg = TrainConfig(steps=steps, batch_size=int(knobs["batch_size"]), lr=float(lr),
+                      validate_every=int(knobs.get("sample_every") or 0), log_every=max(1, min(10, steps)))
+    cfg.check()
+    return cfg
+
+
 def adapter_trainer(base: BaseModel, library: Library):
     """``start(data_dir, knobs, on_event, cancel) -> artifacts`` for the Adapters tab's Train panel."""
-    from .. import adapters, training
+    from .. import adapters
     from ..zerogpu import train_in_chunks
 
     def start(data: Path, knobs: dict, on_event, cancel) -> list[Path]:
@@ -91,11 +109,7 @@ def adapter_trainer(base: BaseModel, library: Library):
             name=knobs.get("name") or f"{kind}_adapter")
         if kind != "full":
             req.spec().check()
-        cfg = training.TrainConfig(steps=int(knobs["steps"]), batch_size=int(knobs["batch_size"]),
-                                   lr=float(knobs.get("lr") or adapters.KIND_DEFAULTS[kind]["lr"]),
-                                   validate_every=int(knobs.get("sample_every") or 0),
-                                   log_every=max(1, min(10, int(knobs["steps"]))))
-        cfg.check()
+        cfg = loop_config(knobs, knobs.get("lr") or adapters.KIND_DEFAULTS[kind]["lr"])
         out = library.folder("adapter", req.name)
         learner = adapters.make_learner(base, req, out, info={"steps": cfg.steps, "lr": cfg.lr})
         try:
@@ -168,3 +182,67 @@ def controlnet_job(library: Library, guess: bool, units: list[dict]) -> list[dic
             item["guess_mode"] = True
         out.append(item)
     return out or None
+
+
+def controlnet_trainer(base: BaseModel, library: Library):
+    """``start(data_dir, knobs, on_event, cancel)`` for the ControlNet tab's Train panel."""
+    from .. import controlnet
+    from ..zerogpu import train_in_chunks
+
+    def start(data: Path, knobs: dict, on_event, cancel) -> list[Path]:
+        name = re.sub(r"[^\w.-]+", "_", knobs.get("name") or "controlnet").strip("_") or "controlnet"
+        req = controlnet.TrainRequest(data=str(data), extractor=knobs["extractor"],
+                                      canny_low=int(knobs["canny_low"]), canny_high=int(knobs["canny_high"]),
+                                      caption_dropout=float(knobs["caption_dropout"]),
+                                      gradient_checkpointing=bool(knobs.get("gradient_checkpointing")), name=name)
+        req.check()
+        cfg = loop_config(knobs, knobs["lr"])
+        out = library.folder("controlnet", name)
+        learner = controlnet.make_learner(base, req, out, info={"steps": cfg.steps, "lr": cfg.lr})
+        paths = train_in_chunks(learner, cfg, out, on_event=on_event, cancel=cancel)
+        folder = next((p for p in paths if Path(p).is_dir()), None)
+        if folder is not None:
+            library.add("controlnet", f"{name} ({req.extractor}, {time.strftime('%H:%M')})", folder)
+        # the panel offers files for download: the single file, and the diffusers folder's weights and config
+        files = [p for p in paths if Path(p).is_file()]
+        if folder is not None:
+            files += sorted(p for p in Path(folder).iterdir() if p.is_file())
+        return files
+
+    return start
+
+
+def bridge_trainer(base: BaseModel, library: Library):
+    """``start(data_dir or None, knobs, on_event, cancel)`` for the Encoder bridge tab's Train panel."""
+    from .. import bridge
+
+    def start(data: Path | None, knobs: dict, on_event, cancel) -> list[Path]:
+        name = re.sub(r"[^\w.-]+", "_", knobs.get("name") or "bridge").strip("_") or "bridge"
+        source = knobs.get("data_source") or "uploaded"
+        if source == "shapes":
+            where = "shapes"
+        elif source == "captions":
+            lines = [line.strip() for line in (knobs.get("captions") or "").splitlines() if line.strip()]
+            if not lines:
+                raise HyperrealError("Type some captions (one per line), or choose another data source.")
+            where = library.folder("bridge", name + "-captions").with_suffix(".txt")
+            where.parent.mkdir(parents=True, exist_ok=True)
+            where.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        else:
+            if data is None:
+                raise HyperrealError("Upload captioned images above, or choose typed captions / the shapes world.")
+            where = data
+        mode = knobs["mode"]
+        req = bridge.TrainRequest(data=str(where), mode=mode, encoder=(knobs.get("encoder") or "").strip() or None,
+                                  lora_rank=int(knobs.get("lora_rank") or 0),
+                                  diffusion_steps=int(knobs.get("diffusion_steps") or 0) if mode == "swap" else 0,
+                                  name=name)
+        req.check()
+        cfg = loop_config(knobs, knobs["lr"])
+        out = library.folder("bridge", name)
+        paths = bridge.run_training(base, req, cfg, out, on_event=on_event, cancel=cancel)
+        if paths:
+            library.add("bridge", f"{name} ({mode}, {time.strftime('%H:%M')})", paths[0])
+        return paths
+
+    return start

@@ -66,13 +66,20 @@ def collect_uploads(files: list[str] | None, default_caption: str, workdir: Path
     return rows
 
 
+def table_rows(table) -> pd.DataFrame:
+    """The table's rows that name an image (a Dataframe, or the dict a client sends)."""
+    if isinstance(table, dict):
+        table = pd.DataFrame(table.get("data") or [], columns=table.get("headers") or ["image", "caption"])
+    df = table if isinstance(table, pd.DataFrame) else pd.DataFrame(table or [], columns=["image", "caption"])
+    df = df.dropna(how="all")
+    return df[[bool(str(v if v is not None else "").strip()) for v in df.iloc[:, 0]]] if not df.empty else df
+
+
 def dataset_from_table(table, workdir: Path) -> Path:
     """The captions as edited in the table, written as an imagefolder the trainers read."""
     from PIL import Image
 
-    df = table if isinstance(table, pd.DataFrame) else pd.DataFrame(table or [], columns=["image", "caption"])
-    df = df.dropna(how="all")
-    df = df[[bool(str(v or "").strip()) for v in df.iloc[:, 0]]] if not df.empty else df
+    df = table_rows(table)
     if df.empty:
         raise HyperrealError("Add training images first (upload them above).")
     blank = [str(p) for p, c in zip(df.iloc[:, 0], df.iloc[:, 1]) if not str(c or "").strip()]
@@ -93,7 +100,7 @@ def dataset_from_table(table, workdir: Path) -> Path:
 
 
 def build_train_panel(method: str, build_knobs: Callable[[], dict], start: Callable, default_caption: str,
-                      api_prefix: str = "") -> dict:
+                      api_prefix: str = "", data_optional: bool = False) -> dict:
     """Builds the panel inside the current tab; returns its components (for tests and wiring)."""
     api = api_prefix or method.lower().replace(" ", "_")
     workroot = Path(tempfile.mkdtemp(prefix=f"hyperreal-{api}-"))
@@ -103,7 +110,7 @@ def build_train_panel(method: str, build_knobs: Callable[[], dict], start: Calla
         return workroot / ((request.session_hash if request else None) or "anon")
 
     with gr.Group():
-        gr.Markdown(f"### Train\nUpload images (with `NAME.txt` captions, or one `.zip` of a captioned folder), "
+        gr.Markdown("### Train\nUpload images (with `NAME.txt` captions, or one `.zip` of a captioned folder), "
                     "check the captions, set the knobs and start. Progress, the loss and fixed-seed samples "
                     "stream below; **Stop** keeps what was learnt so far.")
         with gr.Row():
@@ -135,7 +142,8 @@ def build_train_panel(method: str, build_knobs: Callable[[], dict], start: Calla
 
     def run(request: gr.Request, tab, *values):  # the request first: Gradio places it by position
         try:
-            data = dataset_from_table(tab, session_dir(request))
+            empty = table_rows(tab).empty
+            data = None if data_optional and empty else dataset_from_table(tab, session_dir(request))
             kv = dict(zip(names, values))
             job = TrainingJob(lambda on_event, cancel: start(data, kv, on_event, cancel))
         except HyperrealError as e:

@@ -1,6 +1,8 @@
 """The app as a client sees it: launched on the tiny base, driven through gradio_client."""
 import socket
+from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -160,3 +162,91 @@ def test_user_cannot_name_files_outside_the_allowed_folders(app_url):
     client = Client(app_url[0], verbose=False)
     with pytest.raises(AppError, match="is not allowed"):
         client.predict("a red circle", "", 5, 4, 5.0, 64, 64, 1, True, "/etc/passwd", 1.0, api_name="/generate")
+
+
+
+def generate_args(prompt="a red circle", seed=5, steps=8, adapter=None, controlnet=None, bridge=None, guess=False):
+    """/generate's inputs in order: base knobs, 3 adapter slots, ControlNet (guess mode + 2 units), bridge."""
+    args = [prompt, "", seed, steps, 5.0, 64, 64, 1]
+    args += [True, adapter, 1.0] if adapter else [False, "", 1.0]
+    args += [False, "", 1.0] * 2
+    args += [guess]
+    args += [True, controlnet, 1.0, 0.0, 1.0] if controlnet else [False, "", 1.0, 0.0, 1.0]
+    args += [False, "", 1.0, 0.0, 1.0]
+    args += [True, bridge, 1.0] if bridge else [False, "", 1.0]
+    return args
+
+
+def image_bytes(result):
+    with Image.open(result[0][0]["image"]) as im:
+        return im.tobytes()
+
+
+@pytest.fixture(scope="module")
+def scene_files(tmp_path_factory):
+    from hyperreal.datasets import write_examples
+    from hyperreal.shapes.world import sample_scene, BASE_SHAPES
+    import random
+
+    rng = random.Random(3)
+    folder = write_examples(tmp_path_factory.mktemp("scenes"), [sample_scene(rng, BASE_SHAPES) for _ in range(4)])
+    return sorted(folder.glob("*.png"))
+
+
+def test_train_controlnet_then_use_it_with_a_previewed_map(app_url, scene_files):
+    from gradio_client import Client, handle_file
+
+    url, settings = app_url
+    client = Client(url, verbose=False)
+    table = client.predict([handle_file(str(f)) for f in scene_files], "a red circle", api_name="/controlnet_load_data")
+    knobs = ["canny", 100, 200, "app_cn", 10, 2, 1e-4, 0.5, 5, False]
+    job = client.submit(table, *knobs, api_name="/train_controlnet")
+    final = job.result(timeout=600)
+    statuses = [o[0] for o in job.outputs()]
+    assert any(s.startswith("Step ") and "loss" in s for s in statuses), statuses
+    assert final[0].startswith("Finished."), final[0]
+    names = [Path(f if isinstance(f, str) else f["path"]).name for f in final[3]]
+    assert "app_cn.safetensors" in names and "config.json" in names, names
+    trained = next((settings.outputs / "trained" / "controlnet").glob("*-app_cn")) / "controlnet"
+    assert trained.is_dir()
+    # the map is made (and shown) from an uploaded picture before generating
+    shown, note = client.predict("canny", handle_file(str(scene_files[0])), None, 100, 200, "just resize", 64, 64,
+                                 api_name="/controlnet_preview_1")
+    assert "Canny" in note or "canny" in note
+    with Image.open(shown) as m:
+        assert m.size == (64, 64) and max(m.convert("L").getextrema()) == 255
+    base = client.predict(*generate_args(), api_name="/generate")
+    fresh = client.predict(*generate_args(controlnet=str(trained)), api_name="/generate")
+    assert '"controlnet"' in fresh[1].replace("\\", "")
+    # 10 steps of training barely move the zero convolutions: close to the base, not necessarily equal
+    assert np.abs(np.asarray(Image.open(fresh[0][0]["image"]), float)
+                  - np.asarray(Image.open(base[0][0]["image"]), float)).mean() < 30
+
+
+def test_controlnet_unit_without_a_map_is_a_clear_message(app_url):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(app_url[0], verbose=False)
+    with pytest.raises(AppError, match="unit 1 is on but has no map"):
+        client.predict(*generate_args(controlnet="tiny-canny"), api_name="/generate")
+
+
+def test_train_bridge_then_use_it(app_url):
+    from gradio_client import Client
+
+    url, settings = app_url
+    client = Client(url, verbose=False)
+    knobs = ["swap", "shapes", "", "app_bridge", "", 10, 2, 1e-3, 0, 0, 5]  # distillation: captions only
+    job = client.submit({"headers": ["image", "caption"], "data": []}, *knobs, api_name="/train_bridge")
+    final = job.result(timeout=600)
+    statuses = [o[0] for o in job.outputs()]
+    assert any(s.startswith("Step ") for s in statuses), statuses
+    assert final[0].startswith("Finished."), final[0]
+    trained = [f if isinstance(f, str) else f["path"] for f in final[3]]
+    assert trained and trained[0].endswith(".safetensors")
+    path = next((settings.outputs / "trained" / "bridge").rglob("*.safetensors"))
+    base = client.predict(*generate_args(prompt="a crimson ball"), api_name="/generate")
+    bridged = client.predict(*generate_args(prompt="a crimson ball", bridge=str(path)), api_name="/generate")
+    assert '"bridge"' in bridged[1].replace("\\", "")
+    assert image_bytes(bridged) != image_bytes(base)

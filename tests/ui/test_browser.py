@@ -22,8 +22,15 @@ def test_generate_in_a_browser(app_url, tmp_path):  # noqa: F811
                                            "--disable-component-update", "--no-first-run"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(url, wait_until="networkidle")
+            outside = []
+            # The page must work offline: record and refuse anything that is not the app itself.
+            page.route(lambda u: not u.startswith(url.rstrip("/")),
+                       lambda route: (outside.append(route.request.url), route.abort()))
+            # Not "networkidle": in CI the page never went 500 ms without traffic within 30 s; wait for the
+            # prompt box itself instead.
+            page.goto(url, wait_until="domcontentloaded", timeout=90_000)
             box = page.locator("#prompt textarea")
+            box.wait_for(state="visible", timeout=60_000)
             box.fill("a yellow triangle on the right")
             page.locator("#generate-button").click()
             img = page.locator("#gallery img").first
@@ -35,6 +42,7 @@ def test_generate_in_a_browser(app_url, tmp_path):  # noqa: F811
             assert src and ".png" in src
         finally:
             browser.close()
+    assert not outside, f"the page asked for outside resources: {outside[:5]}"
     assert shot.stat().st_size > 10_000
     assert len(list(settings.outputs.glob("*.png"))) >= 1
     if os.environ.get("HYPERREAL_UPDATE_SCREENSHOT"):
