@@ -156,6 +156,21 @@ def test_batches_are_deterministic_and_use_prior_and_dropout(base, stars, tmp_pa
     assert set(seen.tolist()) == {1.0, 0.5}
 
 
+def test_prior_target_is_the_frozen_base(base, stars, tmp_path):
+    """With the "base" target, class examples are scored against the frozen base's own prediction: a fresh adapter
+    is the base, so their loss is zero (up to float rounding between batch sizes) while instances still have one."""
+    req = A.TrainRequest(data=str(stars), class_prompts=["a red circle", "a blue square"], class_images=2, rank=4)
+    learner = A.make_learner(base, req, tmp_path)
+    batch = next(learner.batches(6, 0))
+    assert batch["is_class"].any() and not batch["is_class"].all()
+    only_class = {**batch, "weights": batch["is_class"].float()}
+    only_instances = {**batch, "weights": (~batch["is_class"]).float()}
+    assert learner.loss(only_class).item() < 1e-10
+    assert learner.loss(only_instances).item() > 1e-3
+    learner.prior_target = "noise"  # classic DreamBooth: the class images' noise is the target
+    assert learner.loss(only_class).item() > 1e-3
+
+
 # --- files --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, which", [("lora", 0), ("lora", 1), ("dora", 0), ("dora", 1)])

@@ -29,7 +29,10 @@ def add_train(tsub) -> None:
     ta.add_argument("--trigger", help="trigger phrase, e.g. 'sks'; captions lacking it get it prepended")
     ta.add_argument("--class-prompt", action="append", help="prior preservation: class prompt(s) for base-generated images")
     ta.add_argument("--class-images", type=int, default=0, help="how many class images to generate (0: no prior preservation)")
-    ta.add_argument("--prior-weight", type=float, default=1.0, help="loss weight of class images")
+    ta.add_argument("--prior-weight", type=float, default=3.0, help="loss weight of class images")
+    ta.add_argument("--prior-target", choices=("base", "noise"), default="base",
+                    help="class images' target: the frozen base's own prediction (base: exactly 'leave these prompts "
+                         "alone') or the added noise (noise: classic DreamBooth)")
     ta.add_argument("--repeats", type=int, default=1, help="instance images per epoch (kohya's repeats)")
     ta.add_argument("--flip", action="store_true", help="random horizontal flips")
     ta.add_argument("--caption-dropout", type=float, default=0.0, help="probability of training on an empty caption")
@@ -66,7 +69,7 @@ def train(args) -> int:
         data=args.data, kind=kind, rank=args.rank, alpha=args.alpha, preset=args.preset, placement=args.placement,
         rslora=args.rslora, train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
         trigger=args.trigger, class_prompts=args.class_prompt or [], class_images=args.class_images,
-        prior_weight=args.prior_weight, repeats=args.repeats, flip=args.flip, caption_dropout=args.caption_dropout,
+        prior_weight=args.prior_weight, prior_target=args.prior_target, repeats=args.repeats, flip=args.flip, caption_dropout=args.caption_dropout,
         sample_prompts=args.sample_prompt or [], name=args.name, seed=args.seed)
     if kind != "full":
         req.spec().check()
