@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .datasets import fit_image
 from .errors import HyperrealError
 
 WHAT_LEARNS = ("ControlNet trains a copy of the UNet's encoder and middle block (initialised from the base) that "
@@ -94,21 +95,6 @@ def check_fits(controlnet, unet, source: str) -> None:
 
 
 # --- training data ------------------------------------------------------------------------------------------
-
-def fit_image(img: Image.Image, width: int, height: int) -> Image.Image:
-    """Centre crop to the aspect ratio and resize, exactly as ``datasets.image_tensor`` does to training images,
-    so the map is computed on (and aligned with) what the VAE sees."""
-    img = img.convert("RGB")
-    w, h = img.size
-    target = width / height
-    if w / h > target:
-        nw = round(h * target)
-        img = img.crop(((w - nw) // 2, 0, (w - nw) // 2 + nw, h))
-    elif w / h < target:
-        nh = round(w / target)
-        img = img.crop((0, (h - nh) // 2, w, (h - nh) // 2 + nh))
-    return img.resize((width, height), Image.BICUBIC) if img.size != (width, height) else img
-
 
 def extractor_params(kind: str, canny_low: int = 100, canny_high: int = 200, softedge_model: str = "hed",
                      annotators: str | None = None) -> dict:

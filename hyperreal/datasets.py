@@ -102,8 +102,9 @@ def write_examples(folder: str | Path, items: list[tuple[Image.Image, str]], pre
     return folder
 
 
-def image_tensor(img: Image.Image, width: int, height: int) -> torch.Tensor:
-    """RGB in [-1, 1], resized (centre crop to the aspect ratio first, as diffusers' scripts do)."""
+def fit_image(img: Image.Image, width: int, height: int) -> Image.Image:
+    """RGB, centre-cropped to the aspect ratio and resized, as diffusers' scripts do (condition maps are computed
+    on this too, so they line up with what the VAE sees)."""
     img = img.convert("RGB")
     w, h = img.size
     target = width / height
@@ -113,8 +114,12 @@ def image_tensor(img: Image.Image, width: int, height: int) -> torch.Tensor:
     elif w / h < target:
         nh = round(w / target)
         img = img.crop((0, (h - nh) // 2, w, (h - nh) // 2 + nh))
-    img = img.resize((width, height), Image.BICUBIC)
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return img.resize((width, height), Image.BICUBIC) if img.size != (width, height) else img
+
+
+def image_tensor(img: Image.Image, width: int, height: int) -> torch.Tensor:
+    """RGB in [-1, 1] of :func:`fit_image`."""
+    arr = np.asarray(fit_image(img, width, height), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 

@@ -1,3 +1,4 @@
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -25,3 +26,13 @@ def run_cli(*args, timeout=300, env=None):
     e = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "hyperreal", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env=e)
+
+
+def digest(*modules) -> str:
+    """Hash of every weight: frozen parts must hash the same after training."""
+    h = hashlib.sha256()
+    for m in modules:
+        for k, v in sorted(m.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,6 +1,5 @@
 """Method 1 (extra text encoder) invariants on the tiny base, CPU only: gate/alpha 0 is the exact base, gates get
 gradients at 0, frozen weights stay bit-identical, files round-trip, the BART code path, jobs and the CLI."""
-import hashlib
 import json
 
 import numpy as np
@@ -12,7 +11,7 @@ from hyperreal import training
 from hyperreal.errors import HyperrealError
 from hyperreal.generation import GenerationJob, job_from_dict, run_job
 
-from .conftest import run_cli
+from .conftest import digest, run_cli
 
 STEPS = 4  # sampling steps: enough to compare images, fast
 CAPTIONS = ["a red circle", "a blue square on the left", "a green triangle at the top", "an orange circle"]
@@ -23,15 +22,6 @@ def base():
     from hyperreal.loading import load_base
 
     return load_base("tiny")
-
-
-def digest(*modules) -> str:
-    h = hashlib.sha256()
-    for m in modules:
-        for k, v in sorted(m.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def image(base, prompt="a red circle", seed=3, bridge=None):

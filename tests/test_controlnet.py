@@ -1,5 +1,4 @@
 """ControlNet (method 3): identity at step 0, gradients through the zero convolutions, frozen base, files, jobs."""
-import hashlib
 import json
 import random
 
@@ -12,7 +11,7 @@ from hyperreal import controlnet, training
 from hyperreal.errors import HyperrealError
 from hyperreal.generation import GenerationJob, job_from_dict, run_job
 from hyperreal.shapes.benchmark import generate_batch
-from tests.conftest import run_cli
+from tests.conftest import digest, run_cli
 
 STEPS = 6  # denoising steps in these tests: enough to show a difference, cheap on 2 cores
 
@@ -41,15 +40,6 @@ def edges(tmp_path_factory):
     scene.save(folder / "scene.png")
     controlnet.condition_map("canny", scene, 64, 64).save(folder / "edges.png")
     return folder
-
-
-def digest(*modules) -> str:
-    h = hashlib.sha256()
-    for m in modules:
-        for k, v in sorted(m.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def pixels(images) -> np.ndarray:
