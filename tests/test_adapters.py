@@ -120,6 +120,25 @@ def test_training_moves_adapter_only(base, stars, tmp_path):
     assert paths[0].name == "adapter.safetensors" and paths[0].is_file()
 
 
+def test_text_encoder_is_adapted_by_default_except_for_full(base, stars, tmp_path):
+    from safetensors import safe_open
+
+    learner = learner_for(base, stars, tmp_path / "lora")
+    assert learner.spec.text_encoder and not learner.data.cache_text  # the text encoder learns: nothing cached
+    paths = training.train(learner, training.TrainConfig(steps=3, batch_size=2, lr=1e-3, log_every=3), tmp_path / "o")
+    with safe_open(str(paths[0]), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("lora_te_") for k in keys) and any(k.startswith("lora_unet_") for k in keys)
+    from hyperreal.loading import load_base
+
+    off = learner_for(load_base("tiny"), stars, tmp_path / "off", train_text_encoder=False)
+    assert not off.spec.text_encoder and off.data.cache_text
+    full = learner_for(base, stars, tmp_path / "full", kind="full")  # None resolves to off for the UNet fine-tune
+    assert full.data.cache_text
+    with pytest.raises(HyperrealError, match="fine-tunes the UNet only"):
+        learner_for(base, stars, tmp_path / "full2", kind="full", train_text_encoder=True)
+
+
 def test_full_fine_tune_leaves_the_shared_base_alone(base, stars, tmp_path):
     before = base_weights_hash(base.pipe)
     learner = learner_for(base, stars, tmp_path, kind="full")

@@ -1,11 +1,13 @@
 """``train adapter`` and ``eval adapter``."""
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
+from ..adapters import DEFAULT_BATCH, DEFAULT_PRIOR_WEIGHT, DEFAULT_RANK, DEFAULT_STEPS
 from ..errors import HyperrealError
 from . import common
 
@@ -17,19 +19,20 @@ def add_train(tsub) -> None:
                     "images captioned by --trigger")
     ta.add_argument("--out", required=True, help="output folder (adapter files, checkpoints, samples, summary.json)")
     ta.add_argument("--kind", default="lora", help="lora | dora | loha | lokr | oft, or full (the whole UNet, for comparison)")
-    common.add_loop_args(ta, steps=600, batch_size=8, lr=None,
+    common.add_loop_args(ta, steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH, lr=None,
                          lr_help="learning rate (default: per kind, 1e-3 for adapters, 1e-4 for full)")
-    ta.add_argument("--rank", type=int, default=8, help="rank (OFT: block size)")
+    ta.add_argument("--rank", type=int, default=DEFAULT_RANK, help="rank (OFT: block size)")
     ta.add_argument("--alpha", type=float, help="alpha (default from --preset); the scale is alpha/rank")
     ta.add_argument("--preset", default="diffusers-like", help="diffusers-like (alpha = rank) | kohya-like (alpha 1)")
     ta.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(rank) (LoRA/DoRA)")
     ta.add_argument("--placement", default="attention+ff", help="attention | attention+ff (kohya's default) | all (+ ResNet convs)")
-    ta.add_argument("--train-text-encoder", action="store_true", help="adapt the text encoder too")
+    ta.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
+                    help="adapt the text encoder too (default: on for adapter kinds, off for full)")
     ta.add_argument("--text-encoder-lr", type=float, help="its own learning rate (default: --lr)")
     ta.add_argument("--trigger", help="trigger phrase, e.g. 'sks'; captions lacking it get it prepended")
     ta.add_argument("--class-prompt", action="append", help="prior preservation: class prompt(s) for base-generated images")
     ta.add_argument("--class-images", type=int, default=0, help="how many class images to generate (0: no prior preservation)")
-    ta.add_argument("--prior-weight", type=float, default=3.0, help="loss weight of class images")
+    ta.add_argument("--prior-weight", type=float, default=DEFAULT_PRIOR_WEIGHT, help="loss weight of class images")
     ta.add_argument("--prior-target", choices=("base", "noise"), default="base",
                     help="class images' target: the frozen base's own prediction (base: exactly 'leave these prompts "
                          "alone') or the added noise (noise: classic DreamBooth)")
@@ -47,8 +50,8 @@ def add_eval(esub) -> None:
                          "a full fine-tune; star rate, drift, accuracy and training time")
     ea.add_argument("--base", default="tiny")
     ea.add_argument("--kinds", default="lora,dora,loha,lokr,oft,full")
-    ea.add_argument("--steps", type=int, default=600)
-    ea.add_argument("--batch-size", type=int, default=8)
+    ea.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ea.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     ea.add_argument("--class-images", type=int, default=64, help="prior-preservation images from the base")
     ea.add_argument("--repeats", type=int, default=8)
     ea.add_argument("--prompts", type=int, default=32, help="held-out star prompts (and prompts without the trigger)")

@@ -5,6 +5,7 @@ from typing import Callable
 
 import gradio as gr
 
+from ..adapters import DEFAULT_BATCH, DEFAULT_STEPS
 from .train_panel import build_train_panel
 
 SLOTS = 3
@@ -65,8 +66,8 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                 alpha = gr.Number(label="Alpha (empty: from preset)", value=None)
                 rslora = gr.Checkbox(label="rsLoRA (alpha/√rank)")
             with gr.Row():
-                steps = gr.Slider(10, 3000, value=600, step=10, label="Steps")
-                batch = gr.Slider(1, 32, value=8, step=1, label="Batch size")
+                steps = gr.Slider(10, 5000, value=DEFAULT_STEPS, step=10, label="Steps")
+                batch = gr.Slider(1, 32, value=DEFAULT_BATCH, step=1, label="Batch size")
                 lr = gr.Number(label="Learning rate", value=1e-3)
                 sample_every = gr.Slider(0, 500, value=50, step=10, label="Samples every N steps (0: end only)")
             scale = gr.Markdown(effective_scale("lora", 8, None, "diffusers-like", False, 1e-3))
@@ -80,12 +81,12 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                     class_prompt = gr.Textbox(label="Class prompt(s), separated by |", value="")
                     class_images = gr.Slider(0, 200, value=0, step=1, label="Class images from the base")
                 with gr.Row():
-                    train_te = gr.Checkbox(label="Adapt the text encoder too")
+                    train_te = gr.Checkbox(value=True, label="Adapt the text encoder too (not with full)")
                     te_lr = gr.Number(label="Text encoder learning rate (empty: same)", value=None)
             gr.on([c.change for c in (kind, rank, alpha, preset, rslora, lr)], effective_scale,
                   [kind, rank, alpha, preset, rslora, lr], scale, queue=False, api_name="adapter_effective_scale")
-            kind.change(lambda k: 1e-4 if k == "full" else 1e-3, kind, lr, queue=False,
-                        api_name="adapter_default_lr")
+            kind.change(lambda k: (1e-4, False) if k == "full" else (1e-3, True), kind, [lr, train_te], queue=False,
+                        api_name="adapter_kind_defaults")
             return {"kind": kind, "placement": placement, "name": name, "rank": rank, "preset": preset,
                     "alpha": alpha, "rslora": rslora, "steps": steps, "batch_size": batch, "lr": lr,
                     "sample_every": sample_every, "trigger": trigger, "repeats": repeats, "flip": flip,
