@@ -8,7 +8,11 @@ Two read-outs of the encoder's mean-pooled output of each layer, for the develop
 A bridge that maps the encoder's meaning faithfully cannot do much better than these on words it never saw; the
 colour x shape products below are the resulting ceiling for colour+shape accuracy on synonym prompts.
 
-    python bench/bridge_encoder_ceiling.py [--encoder minilm] [--json]
+--colour-names adds several hundred more training words for the colour probe: matplotlib's XKCD and CSS colour
+names, labelled by the nearest world colour in hue (clearly saturated ones only; none containing a development
+word). It asks whether more words to learn from would lift the ceiling.
+
+    python bench/bridge_encoder_ceiling.py [--encoder minilm] [--colour-names] [--json]
 """
 from __future__ import annotations
 
@@ -46,9 +50,34 @@ def probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, steps: int = 300) ->
     return w.detach(), b.detach()
 
 
+HUES = {"red": 0, "orange": 30, "yellow": 55, "green": 120, "blue": 220, "purple": 285}
+
+
+def colour_names(exclude: set[str]) -> dict[str, str]:
+    """Named colours (matplotlib's XKCD and CSS tables) whose hue is clearly one world colour's."""
+    import colorsys
+
+    from matplotlib import colors as mc
+
+    out = {}
+    for name, hexa in {**mc.XKCD_COLORS, **mc.CSS4_COLORS}.items():
+        name = name.replace("xkcd:", "")
+        if any(w in name or w.replace("-", " ") in name for w in exclude):
+            continue
+        h, light, sat = colorsys.rgb_to_hls(*mc.to_rgb(hexa))
+        if sat < 0.45 or not 0.2 <= light <= 0.8:
+            continue
+        dist = {c: min(abs(360 * h - v), 360 - abs(360 * h - v)) for c, v in HUES.items()}
+        first, second = sorted(dist, key=dist.get)[:2]
+        if dist[first] <= 25 and dist[second] - dist[first] >= 15:
+            out[name] = first
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--encoder", default="minilm")
+    ap.add_argument("--colour-names", action="store_true", help="train the colour probe on named colours too")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     enc = B.TextEncoder(args.encoder)
@@ -57,9 +86,15 @@ def main() -> int:
     for kind, train, dev, tmpl in (("colour", B.TRAIN_COLOURS, B.DEV_COLOURS, "a {} thing"),
                                    ("shape", B.TRAIN_SHAPES, B.DEV_SHAPES, "a {}")):
         classes = list(train)
-        words = [w for c, syn in train.items() for w in (c,) + syn]
-        labels = torch.tensor([classes.index(c) for c, syn in train.items() for _ in (c,) + syn])
+        pairs = [(w, c) for c, syn in train.items() for w in (c,) + syn]
         dev_words = [w for syn in dev.values() for w in syn]
+        if kind == "colour" and args.colour_names:
+            extra = colour_names(set(dev_words))
+            pairs += [(w, c) for w, c in extra.items() if w not in dict(pairs)]
+            out["colour_names"] = len(extra)
+            print(f"colour probe also trains on {len(extra)} named colours")
+        words = [w for w, _ in pairs]
+        labels = torch.tensor([classes.index(c) for _, c in pairs])
         dev_labels = torch.tensor([classes.index(c) for c, syn in dev.items() for _ in syn])
         E, D = pooled(enc, [tmpl.format(w) for w in words]), pooled(enc, [tmpl.format(w) for w in dev_words])
         n = len(dev_words)

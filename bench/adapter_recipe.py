@@ -1,0 +1,59 @@
+"""Try adapter training recipes on the star task, quickly (16 star prompts, 16 prompts without the trigger).
+
+Each argument is one variant as JSON: ``steps`` and ``lr`` (required), ``bs`` (batch, default 8), and any
+``adapters.TrainRequest`` field (``kind``, ``rank``, ``prior_weight``, ``train_text_encoder``, ``class_images`` …).
+Prints one JSON line per variant: star rate, drift, accuracy without the trigger (and the base's), training seconds.
+Used to choose the defaults that ``python -m hyperreal eval adapter`` then measures on the full prompt sets.
+
+    python bench/adapter_recipe.py '{"steps": 2000, "lr": 1e-3, "prior_weight": 10}' '{"steps": 2000, "lr": 1e-4, "kind": "full"}'
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hyperreal import adapters as A  # noqa: E402
+from hyperreal import training  # noqa: E402
+from hyperreal.loading import load_base  # noqa: E402
+from hyperreal.shapes import evaluator  # noqa: E402
+from hyperreal.shapes.benchmark import generate_batch, held_out_prompts  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    variants = [json.loads(v) for v in argv]
+    work = Path(tempfile.mkdtemp(prefix="adapter-recipe-"))
+    data = A.star_dataset(work / "stars")
+    star_pairs = A.star_prompts(16)
+    one, two = held_out_prompts(8, 8)
+    plain = one + two
+    base = load_base("tiny")
+    steps_g, guidance = base.defaults["steps"], base.defaults["guidance"]
+    base_plain = generate_batch(base.pipe, plain, steps_g, guidance)
+    base_acc = evaluator.accuracy(base_plain, [p for p, _ in plain])["colour_shape"]
+    for i, v in enumerate(variants):
+        shown = dict(v)
+        base = load_base("tiny")  # a fresh base per variant
+        steps, lr, bs = v.pop("steps"), v.pop("lr"), v.pop("bs", A.DEFAULT_BATCH)
+        n_class = v.pop("class_images", 64)
+        req = A.TrainRequest(data=str(data), class_prompts=A.shapes_class_prompts(n_class), class_images=n_class,
+                             repeats=v.pop("repeats", 8), name="recipe", **v)
+        out = work / f"run{i}"
+        learner = A.make_learner(base, req, out)
+        t0 = time.time()
+        training.train(learner, training.TrainConfig(steps=steps, batch_size=bs, lr=lr, log_every=steps), out)
+        seconds = time.time() - t0
+        star = A.star_scores(generate_batch(learner.sample_pipe, star_pairs, steps_g, guidance), star_pairs)
+        d = A.drift(learner, plain, steps_g, guidance, base_images=base_plain)
+        acc = evaluator.accuracy(d["images"], [p for p, _ in plain])["colour_shape"]
+        print(json.dumps({"variant": shown, "star": star["star_rate"], "drift": round(d["drift"], 2), "acc": acc,
+                          "base_acc": base_acc, "train_seconds": round(seconds)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
