@@ -5,7 +5,7 @@ from typing import Callable
 
 import gradio as gr
 
-from ..adapters import DEFAULT_BATCH, DEFAULT_STEPS
+from ..adapters import DEFAULT_BATCH, DEFAULT_RANK, DEFAULT_STEPS, KIND_DEFAULTS
 from .train_panel import build_train_panel
 
 SLOTS = 3
@@ -61,16 +61,17 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                 placement = gr.Dropdown(PLACEMENTS, value="attention+ff", label="Placement (UNet)")
                 name = gr.Textbox(label="Name", value="my_adapter")
             with gr.Row():
-                rank = gr.Slider(1, 64, value=8, step=1, label="Rank (OFT: block size)")
+                rank = gr.Slider(1, 64, value=DEFAULT_RANK, step=1, label="Rank (OFT: block size)")
                 preset = gr.Radio(["diffusers-like", "kohya-like"], value="diffusers-like", label="Alpha preset")
                 alpha = gr.Number(label="Alpha (empty: from preset)", value=None)
                 rslora = gr.Checkbox(label="rsLoRA (alpha/√rank)")
             with gr.Row():
                 steps = gr.Slider(10, 5000, value=DEFAULT_STEPS, step=10, label="Steps")
                 batch = gr.Slider(1, 32, value=DEFAULT_BATCH, step=1, label="Batch size")
-                lr = gr.Number(label="Learning rate", value=1e-3)
+                lr = gr.Number(label="Learning rate", value=KIND_DEFAULTS["lora"]["lr"])
                 sample_every = gr.Slider(0, 500, value=50, step=10, label="Samples every N steps (0: end only)")
-            scale = gr.Markdown(effective_scale("lora", 8, None, "diffusers-like", False, 1e-3))
+            scale = gr.Markdown(effective_scale("lora", DEFAULT_RANK, None, "diffusers-like", False,
+                                                 KIND_DEFAULTS["lora"]["lr"]))
             with gr.Row():
                 trigger = gr.Textbox(label="Trigger phrase (added to captions lacking it)", value="sks")
                 repeats = gr.Slider(1, 20, value=1, step=1, label="Repeats")
@@ -85,7 +86,7 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                     te_lr = gr.Number(label="Text encoder learning rate (empty: same)", value=None)
             gr.on([c.change for c in (kind, rank, alpha, preset, rslora, lr)], effective_scale,
                   [kind, rank, alpha, preset, rslora, lr], scale, queue=False, api_name="adapter_effective_scale")
-            kind.change(lambda k: (1e-4, False) if k == "full" else (1e-3, True), kind, [lr, train_te], queue=False,
+            kind.change(lambda k: (KIND_DEFAULTS[k]["lr"], k != "full"), kind, [lr, train_te], queue=False,
                         api_name="adapter_kind_defaults")
             return {"kind": kind, "placement": placement, "name": name, "rank": rank, "preset": preset,
                     "alpha": alpha, "rslora": rslora, "steps": steps, "batch_size": batch, "lr": lr,
