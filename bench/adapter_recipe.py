@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,16 +41,11 @@ def main(argv: list[str]) -> int:
         n_class = v.pop("class_images", 64)
         req = A.TrainRequest(data=str(data), class_prompts=A.shapes_class_prompts(n_class), class_images=n_class,
                              repeats=v.pop("repeats", 8), name="recipe", **v)
-        out = work / f"run{i}"
-        learner = A.make_learner(base, req, out)
-        t0 = time.time()
-        training.train(learner, training.TrainConfig(steps=steps, batch_size=bs, lr=lr, log_every=steps), out)
-        seconds = time.time() - t0
-        star = A.star_scores(generate_batch(learner.sample_pipe, star_pairs, steps_g, guidance), star_pairs)
-        d = A.drift(learner, plain, steps_g, guidance, base_images=base_plain)
-        acc = evaluator.accuracy(d["images"], [p for p, _ in plain])["colour_shape"]
-        print(json.dumps({"variant": shown, "star": star["star_rate"], "drift": round(d["drift"], 2), "acc": acc,
-                          "base_acc": base_acc, "train_seconds": round(seconds)}), flush=True)
+        cfg = training.TrainConfig(steps=steps, batch_size=bs, lr=lr, log_every=steps)
+        r = A.star_trial(base, req, cfg, work / f"run{i}", star_pairs, plain, base_plain)
+        print(json.dumps({"variant": shown, "star": r["star_rate"], "drift": round(r["drift"], 2),
+                          "acc": r["colour_shape_accuracy"], "base_acc": base_acc,
+                          "train_seconds": round(r["train_seconds"])}), flush=True)
     return 0
 
 

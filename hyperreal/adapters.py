@@ -1124,6 +1124,34 @@ def shapes_class_prompts(n: int = 64, seed: int = STAR_SEED) -> list[str]:
     return out
 
 
+def star_trial(base, req: TrainRequest, cfg, out: str | Path, star_pairs, plain_pairs, base_plain,
+               on_event=None) -> dict:
+    """One training run on the star task, measured: star rate on ``star_pairs``; drift from ``base_plain`` and
+    colour+shape accuracy on ``plain_pairs`` (prompts without the trigger); times; the file written. Used by
+    ``star_benchmark`` and ``bench/adapter_recipe.py``."""
+    from . import training
+    from .shapes import evaluator
+    from .shapes.benchmark import generate_batch
+
+    out = Path(out)
+    gen_steps, guidance = base.defaults["steps"], base.defaults["guidance"]
+    t0 = time.time()
+    learner = make_learner(base, req, out, info={"steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size})
+    t_data = time.time() - t0
+    t0 = time.time()
+    paths = training.train(learner, cfg, out, on_event=on_event)
+    t_train = time.time() - t0
+    star = star_scores(generate_batch(learner.sample_pipe, star_pairs, gen_steps, guidance), star_pairs)
+    d = drift(learner, plain_pairs, gen_steps, guidance, base_images=base_plain)
+    acc = evaluator.accuracy(d["images"], [p for p, _ in plain_pairs])["colour_shape"]
+    return {"lr": cfg.lr, "trained_parameters": learner.trained_parameter_count(),
+            "scale": learner.spec.scale if req.kind != "full" else None,
+            "star_rate": star["star_rate"], "star_colour_rate": star["star_colour_rate"],
+            "drift": round(d["drift"], 3), "colour_shape_accuracy": acc,
+            "train_seconds": round(t_train, 1), "data_seconds": round(t_data, 1),
+            "file": str(paths[0]), "file_mb": round(paths[0].stat().st_size / 1e6, 3)}
+
+
 def star_benchmark(kinds: list[str], work: str | Path, steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH,
                    class_images: int = 64, repeats: int = 8, n_prompts: int = 32, base_name: str = "tiny",
                    log=print) -> dict:
@@ -1153,33 +1181,19 @@ def star_benchmark(kinds: list[str], work: str | Path, steps: int = DEFAULT_STEP
     log(f"base '{base_name}': star rate {100 * base_star['star_rate']:.1f}%, colour+shape accuracy on "
         f"{len(plain_pairs)} prompts without the trigger {100 * base_acc:.1f}%")
     for kind in kinds:
-        base = load_base(base_name)  # a fresh base per kind: nothing carries over between runs
         req = TrainRequest(data=str(data), kind=kind, class_prompts=shapes_class_prompts(class_images),
                            class_images=class_images, repeats=repeats, name=f"star_{kind}")
-        lr = KIND_DEFAULTS[kind]["lr"]
-        out = work / kind
-        t0 = time.time()
-        learner = make_learner(base, req, out, info={"steps": steps, "lr": lr, "batch_size": batch_size})
-        t_data = time.time() - t0
-        cfg = training.TrainConfig(steps=steps, batch_size=batch_size, lr=lr, log_every=max(steps // 4, 1))
-        t0 = time.time()
-        paths = training.train(learner, cfg, out, on_event=lambda e: e.kind == "step" and log(
-            f"  {kind} step {e.step}/{e.total} loss {e.loss:.4f}"))
-        t_train = time.time() - t0
-        star = star_scores(generate_batch(learner.sample_pipe, star_pairs, gen_steps, guidance), star_pairs)
-        d = drift(learner, plain_pairs, gen_steps, guidance, base_images=base_plain)
-        acc = evaluator.accuracy(d["images"], [p for p, _ in plain_pairs])["colour_shape"]
-        row = {"lr": lr, "trained_parameters": learner.trained_parameter_count(),
-               "scale": learner.spec.scale if kind != "full" else None,
-               "star_rate": star["star_rate"], "star_colour_rate": star["star_colour_rate"],
-               "drift": round(d["drift"], 3), "colour_shape_accuracy": acc,
-               "accuracy_change_points": round(100 * (acc - base_acc), 1),
-               "train_seconds": round(t_train, 1), "data_seconds": round(t_data, 1),
-               "file": str(paths[0]), "file_mb": round(paths[0].stat().st_size / 1e6, 3)}
+        cfg = training.TrainConfig(steps=steps, batch_size=batch_size, lr=KIND_DEFAULTS[kind]["lr"],
+                                   log_every=max(steps // 4, 1))
+        # a fresh base per kind: nothing carries over between runs
+        row = star_trial(load_base(base_name), req, cfg, work / kind, star_pairs, plain_pairs, base_plain,
+                         on_event=lambda e, kind=kind: e.kind == "step" and log(
+                             f"  {kind} step {e.step}/{e.total} loss {e.loss:.4f}"))
+        row["accuracy_change_points"] = round(100 * (row["colour_shape_accuracy"] - base_acc), 1)
         figures["kinds"][kind] = row
         log(f"{kind}: star rate {100 * row['star_rate']:.1f}% (colour too {100 * row['star_colour_rate']:.1f}%), "
-            f"drift {row['drift']:.2f}, accuracy {100 * acc:.1f}% ({row['accuracy_change_points']:+.1f} points), "
-            f"trained in {row['train_seconds']:.0f}s")
+            f"drift {row['drift']:.2f}, accuracy {100 * row['colour_shape_accuracy']:.1f}% "
+            f"({row['accuracy_change_points']:+.1f} points), trained in {row['train_seconds']:.0f}s")
     full = figures["kinds"].get("full")
     for kind, row in figures["kinds"].items():
         if kind == "full":
