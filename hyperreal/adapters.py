@@ -782,35 +782,30 @@ class _DiffusionLearner:
     def __init__(self, pipe, data: DreamBoothData, sample_prompts: list[str] | None = None,
                  sample_steps: int = 20, sample_guidance: float = 5.0, sample_seed: int = 0,
                  prior_target: str = "base"):
-        from diffusers import DDPMScheduler
+        from .training import DenoisingObjective
 
         if prior_target not in PRIOR_TARGETS:
             raise HyperrealError(f"prior target must be one of {', '.join(PRIOR_TARGETS)}, got {prior_target!r}")
         self.pipe, self.data, self.prior_target = pipe, data, prior_target
-        # the training noise schedule is the inference scheduler's own (same betas, same prediction type)
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.objective = DenoisingObjective(pipe.scheduler.config)
         self.sample_prompts = sample_prompts or data.captions[:2]
         self.sample_steps, self.sample_guidance, self.sample_seed = sample_steps, sample_guidance, sample_seed
         self.text_encoder = pipe.text_encoder
         self.steps_done = 0
 
     def batches(self, batch_size: int, seed: int) -> Iterator:
-        return self.data.batches(batch_size, seed, self.noise_scheduler.config.num_train_timesteps)
+        return self.data.batches(batch_size, seed, self.objective.num_train_timesteps)
 
     def loss(self, batch) -> torch.Tensor:
         dev, dtype = self.unet.device, self.unet.dtype
         latents, noise, t = batch["latents"].to(dev), batch["noise"].to(dev), batch["timesteps"].to(dev)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        noisy = self.objective.noisy(latents, noise, t)
         if self.data.cache_text:
             cond = batch["text"].to(dev, dtype)
         else:
             cond = self.text_encoder(batch["text"].to(dev))[0].to(dtype)
         pred = self.unet(noisy.to(dtype), t, cond).sample.float()
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, t)
-        else:
-            target = noise
-        target = target.float()
+        target = self.objective.target(latents, noise, t)
         is_class = batch.get("is_class")
         if self.prior_target == "base" and is_class is not None and bool(is_class.any()):
             # Prior preservation as distillation: on class images the target is what the frozen base itself

@@ -773,12 +773,12 @@ class DiffusionLearner(_BridgeLearner):
 
     def __init__(self, *a, latents: torch.Tensor, latent_captions: list[str], base_dropout: float = 0.5,
                  uncond_dropout: float = 0.1, **k):
-        from diffusers import DDPMScheduler
+        from .training import DenoisingObjective
 
         super().__init__(*a, **k)
         self.latents, self.latent_captions = latents, latent_captions
         self.base_dropout, self.uncond_dropout = base_dropout, uncond_dropout
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.objective = DenoisingObjective(self.pipe.scheduler.config)
         self.state_ = FuseState()
         self._stack = contextlib.ExitStack()
         if self.lb.spec.mode == "fuse":
@@ -790,7 +790,7 @@ class DiffusionLearner(_BridgeLearner):
     def batches(self, batch_size: int, seed: int) -> Iterator:
         rng = random.Random(seed)
         g = torch.Generator().manual_seed(seed)
-        T = self.noise_scheduler.config.num_train_timesteps
+        T = self.objective.num_train_timesteps
         while True:
             idx = [rng.randrange(len(self.latents)) for _ in range(batch_size)]
             texts, base_texts = [], []
@@ -812,7 +812,7 @@ class DiffusionLearner(_BridgeLearner):
         unet = self.pipe.unet
         dev, dtype = unet.device, unet.dtype
         latents, noise, t = batch["latents"].to(dev), batch["noise"].to(dev), batch["timesteps"].to(dev)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        noisy = self.objective.noisy(latents, noise, t)
         tokens, mask = self.encode(batch["texts"])
         if self.lb.spec.mode == "swap":
             cond = tokens.to(dtype)
@@ -826,11 +826,7 @@ class DiffusionLearner(_BridgeLearner):
             pred = unet(noisy.to(dtype), t, cond).sample.float()
         finally:
             self.state_.clear()
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, t)
-        else:
-            target = noise
-        return F.mse_loss(pred, target.float())
+        return F.mse_loss(pred, self.objective.target(latents, noise, t))
 
     def validate(self) -> tuple[list, list[str]]:
         with self._paused():

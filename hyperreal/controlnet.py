@@ -209,7 +209,7 @@ class ControlNetLearner:
                  sample_prompts: list[str] | None = None, sample_maps: list[Image.Image] | None = None,
                  sample_steps: int = 20, sample_guidance: float = 5.0, sample_seed: int = 0,
                  gradient_checkpointing: bool = False, name: str = "controlnet"):
-        from diffusers import DDPMScheduler
+        from .training import DenoisingObjective
 
         self.pipe, self.data, self.name = pipe, data, name
         self.info = dict(info or {})
@@ -224,9 +224,8 @@ class ControlNetLearner:
             # runs through (a flag only, no weight changes; :meth:`release` puts the shared UNet's flag back)
             self.controlnet.enable_gradient_checkpointing()
             pipe.unet.enable_gradient_checkpointing()
-        # the training noise schedule is the inference scheduler's own (same betas, same prediction type)
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction_type = self.noise_scheduler.config.prediction_type
+        self.objective = DenoisingObjective(pipe.scheduler.config)
+        self.prediction_type = self.objective.prediction_type  # recorded in the model card
         n = len(sample_maps) if sample_maps else min(2, len(data))
         self.sample_maps = list(sample_maps) if sample_maps else [data.map_image(i) for i in range(n)]
         prompts = list(sample_prompts or [])
@@ -240,14 +239,14 @@ class ControlNetLearner:
         return [p for p in self.controlnet.parameters() if p.requires_grad]
 
     def batches(self, batch_size: int, seed: int) -> Iterator:
-        return self.data.batches(batch_size, seed, self.noise_scheduler.config.num_train_timesteps)
+        return self.data.batches(batch_size, seed, self.objective.num_train_timesteps)
 
     def loss(self, batch) -> torch.Tensor:
         unet = self.pipe.unet
         dev, dtype = unet.device, unet.dtype
         cdtype = next(self.controlnet.parameters()).dtype
         latents, noise, t = batch["latents"].to(dev), batch["noise"].to(dev), batch["timesteps"].to(dev)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        noisy = self.objective.noisy(latents, noise, t)
         text = batch["text"].to(dev)
         cond = batch["cond"].to(dev).float() / 255.0
         down, mid = self.controlnet(noisy.to(cdtype), t, text.to(cdtype), controlnet_cond=cond.to(cdtype),
@@ -255,16 +254,7 @@ class ControlNetLearner:
         pred = unet(noisy.to(dtype), t, text.to(dtype),
                     down_block_additional_residuals=[d.to(dtype) for d in down],
                     mid_block_additional_residual=mid.to(dtype)).sample.float()
-        if self.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, t)
-        elif self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "sample":
-            target = latents
-        else:
-            raise HyperrealError(f"the base's scheduler predicts '{self.prediction_type}', which ControlNet "
-                                 "training here does not handle (epsilon, v_prediction or sample)")
-        return F.mse_loss(pred, target.float())
+        return F.mse_loss(pred, self.objective.target(latents, noise, t))
 
     def after_step(self, step: int) -> None:
         self.steps_done = step

@@ -58,6 +58,40 @@ class ProgressEvent:
     message: str = ""
 
 
+class DenoisingObjective:
+    """What every method's loss shares: noisy latents at random timesteps and the target the UNet must predict.
+
+    The noise schedule is a DDPM copy of the base's inference scheduler config (same betas, same prediction type),
+    so training teaches exactly what sampling asks. Built once per learner; an unknown prediction type is an
+    error here, before any step runs, not a silently wrong target.
+    """
+
+    TYPES = ("epsilon", "v_prediction", "sample")
+
+    def __init__(self, scheduler_config):
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in self.TYPES:
+            raise HyperrealError(f"the base's scheduler predicts '{self.prediction_type}', which training here does "
+                                 f"not handle ({', '.join(self.TYPES)})")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, noise, t)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """In float32, whatever the latents' dtype: the loss is taken in full precision."""
+        latents, noise = latents.float(), noise.float()
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, t)
+        return latents if self.prediction_type == "sample" else noise
+
+
 class CancelToken:
     """Set from another thread (the app's Stop button); the loop stops at the next step and keeps a checkpoint."""
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from hyperreal.errors import HyperrealError
 from hyperreal.jobs import TrainingJob
-from hyperreal.training import CancelToken, TrainConfig, latest_checkpoint, train
+from hyperreal.training import CancelToken, DenoisingObjective, TrainConfig, latest_checkpoint, train
 
 
 class LineFit:
@@ -96,6 +96,27 @@ def test_bad_settings_are_refused(tmp_path):
         train(LineFit(), TrainConfig(steps=5, lr=0), tmp_path)
     with pytest.raises(HyperrealError, match="--steps must be at least 1"):
         train(LineFit(), TrainConfig(steps=0), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_denoising_target_matches_the_prediction_type(kind):
+    """Every method's loss uses this one objective: the target is what the scheduler's prediction type names."""
+    obj = DenoisingObjective({"num_train_timesteps": 1000, "prediction_type": kind})
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    a = obj.scheduler.alphas_cumprod[t].sqrt()[:, None, None, None]
+    s = (1 - obj.scheduler.alphas_cumprod[t]).sqrt()[:, None, None, None]
+    torch.testing.assert_close(obj.noisy(latents, noise, t), a * latents + s * noise)
+    want = {"epsilon": noise, "sample": latents, "v_prediction": a * noise - s * latents}[kind]
+    torch.testing.assert_close(obj.target(latents.half(), noise.half(), t), want, atol=2e-3, rtol=2e-3)
+    assert obj.target(latents.half(), noise.half(), t).dtype == torch.float32
+    assert obj.num_train_timesteps == 1000
+
+
+def test_unknown_prediction_type_is_refused_before_training():
+    with pytest.raises(HyperrealError, match="predicts 'flow'.*epsilon, v_prediction, sample"):
+        DenoisingObjective({"prediction_type": "flow"})
 
 
 def test_job_runs_one_at_a_time_and_streams_until_done(tmp_path):
