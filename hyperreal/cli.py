@@ -32,7 +32,7 @@ def _quiet() -> None:
 # --- generate -------------------------------------------------------------------------------------------
 
 def cmd_generate(args) -> int:
-    from .generation import GenerationJob, job_from_dict, read_jobs, run_job, save_png
+    from .generation import job_from_dict, read_jobs, run_job, save_png
     from .loading import load_base
 
     if bool(args.prompt) == bool(args.jobs):

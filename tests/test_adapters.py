@@ -2,7 +2,6 @@
 files other tools read, the stalled-training error, generate jobs that do not leak, and the CLI."""
 import hashlib
 import json
-import random
 
 import numpy as np
 import pytest

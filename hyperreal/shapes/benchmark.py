@@ -27,7 +27,6 @@ def held_out_prompts(n_one: int = 64, n_two: int = 64) -> tuple[list[tuple[str, 
 @torch.no_grad()
 def generate_batch(pipe, pairs: list[tuple[str, int]], steps: int, guidance: float, batch: int = 16,
                    negative_prompt: str | None = None):
-    device = pipe.device
     images = []
     for i in range(0, len(pairs), batch):
         chunk = pairs[i:i + batch]

@@ -120,7 +120,8 @@ def test_train_adapter_then_use_it_in_generate(app_url, star_files):
     trained = [p for p in (settings.outputs / "trained" / "adapter").rglob("app_lora.safetensors")]
     assert len(trained) == 1
     # the artifact is selectable in Generate at once, and changes the image
-    choices = client.predict(api_name="/adapters_refresh")
+    slots = client.predict(api_name="/adapters_refresh")
+    assert all(str(trained[0]) in [value for _, value in slot["choices"]] for slot in slots), slots
     base = client.predict("a red circle", "", 5, 8, 5.0, 64, 64, 1, False, None, 1.0, api_name="/generate")
     adapted = client.predict("a red circle", "", 5, 8, 5.0, 64, 64, 1, True, str(trained[0]), 1.0,
                              api_name="/generate")
