@@ -2,6 +2,7 @@
 
 Each argument is one variant as JSON: ``steps`` and ``lr`` (required), ``bs`` (batch, default 8), and any
 ``adapters.TrainRequest`` field (``kind``, ``rank``, ``prior_weight``, ``train_text_encoder``, ``class_images`` …).
+``--prompts N`` measures on N star prompts and N without the trigger (default 16; ``eval adapter`` uses 32).
 Prints one JSON line per variant: star rate, drift, accuracy without the trigger (and the base's), training seconds.
 Used to choose the defaults that ``python -m hyperreal eval adapter`` then measures on the full prompt sets.
 
@@ -24,11 +25,14 @@ from hyperreal.shapes.benchmark import generate_batch, held_out_prompts  # noqa:
 
 
 def main(argv: list[str]) -> int:
+    n = 16
+    if argv[:1] == ["--prompts"]:
+        n, argv = int(argv[1]), argv[2:]
     variants = [json.loads(v) for v in argv]
     work = Path(tempfile.mkdtemp(prefix="adapter-recipe-"))
     data = A.star_dataset(work / "stars")
-    star_pairs = A.star_prompts(16)
-    one, two = held_out_prompts(8, 8)
+    star_pairs = A.star_prompts(n)
+    one, two = held_out_prompts(n - n // 2, n // 2)
     plain = one + two
     base = load_base("tiny")
     steps_g, guidance = base.defaults["steps"], base.defaults["guidance"]
