@@ -1034,8 +1034,11 @@ def star_scores(images, pairs) -> dict:
 KIND_DEFAULTS = {"lora": {"lr": 1e-3}, "dora": {"lr": 1e-3}, "loha": {"lr": 1e-3}, "lokr": {"lr": 1e-3},
                  "oft": {"lr": 1e-3}, "full": {"lr": 1e-4}}
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_RANK = 2000, 8, 8
-# chosen on the star task (README: Adapters): a higher prior weight cut drift without slowing the new concept
+# chosen on the star task (README: Adapters): from 3 to 10 drift fell and stars rose; at 20 drift fell further
+# but stars fell too
 DEFAULT_PRIOR_WEIGHT = 10.0
+# the star benchmark's prior preservation: class images, and instance repeats that balance them per epoch
+STAR_CLASS_IMAGES, STAR_REPEATS = 64, 8
 PRIOR_TARGETS = ("base", "noise")
 
 
@@ -1148,7 +1151,8 @@ def star_trial(base, req: TrainRequest, cfg, out: str | Path, star_pairs, plain_
 
 
 def star_benchmark(kinds: list[str], work: str | Path, steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH,
-                   class_images: int = 64, repeats: int = 8, n_prompts: int = 32, base_name: str = "tiny",
+                   class_images: int = STAR_CLASS_IMAGES, repeats: int = STAR_REPEATS, n_prompts: int = 32,
+                   base_name: str = "tiny",
                    log=print) -> dict:
     """Teach the reserved shape: each kind (and ``full``) trains on the same 8 star images, class images and
     step budget, then is measured on held-out star prompts and on prompts without the trigger (drift, accuracy).

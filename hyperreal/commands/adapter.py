@@ -7,7 +7,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..adapters import DEFAULT_BATCH, DEFAULT_PRIOR_WEIGHT, DEFAULT_RANK, DEFAULT_STEPS
+from ..adapters import (DEFAULT_BATCH, DEFAULT_PRIOR_WEIGHT, DEFAULT_RANK, DEFAULT_STEPS, STAR_CLASS_IMAGES,
+                        STAR_REPEATS)
 from ..errors import HyperrealError
 from . import common
 
@@ -52,8 +53,8 @@ def add_eval(esub) -> None:
     ea.add_argument("--kinds", default="lora,dora,loha,lokr,oft,full")
     ea.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     ea.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
-    ea.add_argument("--class-images", type=int, default=64, help="prior-preservation images from the base")
-    ea.add_argument("--repeats", type=int, default=8)
+    ea.add_argument("--class-images", type=int, default=STAR_CLASS_IMAGES, help="prior-preservation images from the base")
+    ea.add_argument("--repeats", type=int, default=STAR_REPEATS)
     ea.add_argument("--prompts", type=int, default=32, help="held-out star prompts (and prompts without the trigger)")
     ea.add_argument("--work", help="folder for datasets and trained files (default: a temporary folder)")
     ea.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")

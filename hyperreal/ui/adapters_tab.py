@@ -26,13 +26,13 @@ def effective_scale(kind: str, rank: float, alpha: float | None, preset: str, rs
     if kind == "oft":
         return "OFT is a rotation: no alpha/rank scale."
     if kind == "full":
-        return "Full fine-tune: every UNet weight learns (lr default 1e-4)."
+        return f"Full fine-tune: every UNet weight learns (lr default {KIND_DEFAULTS['full']['lr']:g})."
     rank = max(int(rank or 1), 1)
     a = float(alpha) if alpha else (1.0 if preset == "kohya-like" else float(rank))
     scale = a / (rank ** 0.5 if rslora else rank)
     how = "alpha/√rank (rsLoRA)" if rslora else "alpha/rank"
     return (f"Effective scale **{scale:.4g}** = {how} with alpha {a:g}, rank {rank}; learning rate "
-            f"{lr or 1e-3:g}. kohya-like (alpha 1) needs a higher lr than diffusers-like (alpha = rank).")
+            f"{lr or KIND_DEFAULTS.get(kind, KIND_DEFAULTS['lora'])['lr']:g}. kohya-like (alpha 1) needs a higher lr than diffusers-like (alpha = rank).")
 
 
 def build_adapters_tab(choices: Callable[[], list], start_training: Callable, default_caption: str) -> dict:
