@@ -375,6 +375,9 @@ def _header(spec: AdapterSpec, info: dict, configs: dict) -> dict[str, str]:
         "ss_batch_size_per_device": str(info.get("batch_size", "")),
         "ss_resolution": str(info.get("resolution", "")),
         "ss_num_train_images": str(info.get("images", "")),
+        "ss_num_reg_images": str(info.get("class_images", "")),
+        "ss_prior_loss_weight": str(info.get("prior_weight", "")),
+        "ss_num_repeats": str(info.get("repeats", "")),
         "ss_training_comment": f"hyperreal {spec.describe()}; trigger: {info.get('trigger') or '(none)'}",
         "hyperreal_kind": spec.kind,
         "hyperreal_spec": json.dumps(asdict(spec)),
@@ -968,14 +971,20 @@ def default_drift_prompts(base_name: str, captions: list[str], trigger: str | No
 
         one, two = held_out_prompts(n - n // 2, n // 2)
         return one + two
+    texts = captions_without_trigger(captions, trigger) or ["a photo"]
+    return [(texts[i % len(texts)], 1000 + i) for i in range(n)]
+
+
+def captions_without_trigger(captions: list[str], trigger: str | None) -> list[str]:
+    """The captions with the trigger removed, each once: "a photo of sks dog" -> "a photo of dog", the class the
+    subject belongs to (DreamBooth's class prompt, and the prompts whose drift matters)."""
     texts = []
     for c in captions:
         t = re.sub(re.escape(trigger), "", c, flags=re.I) if trigger else c
         t = re.sub(r"\s+", " ", t).strip(" ,")
         if t and t not in texts:
             texts.append(t)
-    texts = texts or ["a photo"]
-    return [(texts[i % len(texts)], 1000 + i) for i in range(n)]
+    return texts
 
 
 # --- the shapes-world benchmark: teach the reserved shape "star" ---------------------------------------------
@@ -1059,7 +1068,8 @@ class TrainRequest:
     class_prompts: list[str] = field(default_factory=list)
     class_images: int = 0
     prior_weight: float = DEFAULT_PRIOR_WEIGHT
-    repeats: int = 1
+    # None: balance the class images (class images / instance images per epoch, as the star recipe does), else 1
+    repeats: int | None = None
     flip: bool = False
     caption_dropout: float = 0.0
     prior_uncond: float = 0.2  # share of class images trained with the empty prompt (anchors guidance)
@@ -1086,21 +1096,41 @@ def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = N
     instances = instance_examples(req.data, req.trigger)
     steps, guidance = base.defaults["steps"], base.defaults["guidance"]
     classes = []
-    if req.class_prompts and req.class_images:
-        classes = class_images(base.pipe, req.class_prompts, req.class_images, Path(out) / "class_images",
+    if req.class_images:
+        prompts = req.class_prompts or class_prompts_for(instances, req.trigger)
+        classes = class_images(base.pipe, prompts, req.class_images, Path(out) / "class_images",
                                steps, guidance, seed=req.seed)
-    data = DreamBoothData(base.pipe, instances, classes, req.prior_weight, req.repeats, req.flip,
+    repeats = req.repeats if req.repeats is not None else balanced_repeats(len(instances), len(classes))
+    data = DreamBoothData(base.pipe, instances, classes, req.prior_weight, repeats, req.flip,
                           req.caption_dropout, cache_text=not req.adapts_text_encoder, prior_uncond=req.prior_uncond,
                           size=(base.defaults["width"], base.defaults["height"]))
     sample = dict(sample_prompts=req.sample_prompts or None, sample_steps=steps, sample_guidance=guidance,
                   sample_seed=req.seed, prior_target=req.prior_target)
     info = {"base": base.name, "trigger": req.trigger, "images": len(instances), "class_images": len(classes),
+            "repeats": repeats, "prior_weight": req.prior_weight if classes else 0.0,
             "resolution": f"{base.defaults['width']}x{base.defaults['height']}", "file_name": _safe_name(req.name),
             **(info or {})}
     if req.kind == "full":
         return FullFineTune(base.pipe, data, info=info, **sample)
     return AdapterLearner(base.pipe, data, req.spec(), name=_safe_name(req.name), text_encoder_lr=req.text_encoder_lr,
                           seed=req.seed, info=info, **sample)
+
+
+def class_prompts_for(instances: list, trigger: str | None) -> list[str]:
+    """Default class prompts: the instance captions without the trigger."""
+    if not trigger:
+        raise HyperrealError("class images need a class prompt: pass --class-prompt 'a photo of a dog' (in the app: "
+                             "Class prompt), or a trigger, whose captions without it become the class prompts")
+    prompts = captions_without_trigger([t for _, t in instances], trigger)
+    if not prompts:
+        raise HyperrealError(f"the captions are only the trigger '{trigger}', so there is no class to preserve: "
+                             "pass --class-prompt 'a photo of a dog' (in the app: Class prompt)")
+    return prompts
+
+
+def balanced_repeats(n_instances: int, n_classes: int) -> int:
+    """Instance repeats that show about as many instance as class images per epoch (kohya counts an epoch so)."""
+    return max(1, round(n_classes / max(n_instances, 1)))
 
 
 def shapes_class_prompts(n: int = 64, seed: int = STAR_SEED) -> list[str]:

@@ -174,6 +174,21 @@ def test_batches_are_deterministic_and_use_prior_and_dropout(base, stars, tmp_pa
     assert set(seen.tolist()) == {1.0, 0.5}
 
 
+def test_class_prompts_and_repeats_default_from_the_captions(base, stars, tmp_path):
+    """Class images without a class prompt are the captions minus the trigger; repeats balance them per epoch."""
+    req = A.TrainRequest(data=str(stars), trigger="sks", class_images=8, rank=4)
+    learner = A.make_learner(base, req, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "class_images" / "metadata.jsonl").read_text().splitlines()]
+    captions = learner.data.captions  # "a <colour> sks star"
+    expected = [c.replace(" sks", "") for c in captions]
+    assert [r["text"] for r in rows] == [expected[i % len(expected)] for i in range(8)]
+    assert len(captions) == 4 and learner.data.repeats == 2 and learner.info["repeats"] == learner.data.repeats
+    alone = A.make_learner(base, A.TrainRequest(data=str(stars), rank=4, name="alone"), tmp_path / "alone")
+    assert alone.data.repeats == 1 and alone.data.n_instances == len(alone.data)
+    with pytest.raises(HyperrealError, match="class images need a class prompt"):
+        A.make_learner(base, A.TrainRequest(data=str(stars), class_images=2), tmp_path / "no_trigger")
+
+
 def test_prior_target_is_the_frozen_base(base, stars, tmp_path):
     """With the "base" target, class examples are scored against the frozen base's own prediction: a fresh adapter
     is the base, so their loss is zero (up to float rounding between batch sizes) while instances still have one."""
@@ -395,8 +410,15 @@ def test_cli_train_adapter_writes_its_files(tmp_path, stars):
     out = tmp_path / "out"
     r = run_cli("train", "adapter", "--base", "tiny", "--data", stars, "--out", out, "--steps", 4, "--batch-size", 2,
                 "--rank", 4, "--preset", "kohya-like", "--trigger", "sks", "--sample-every", 2,
-                "--drift-samples", 2, "--log-every", 2, "--json")
+                "--drift-samples", 2, "--log-every", 2, "--class-images", 8, "--json")
     assert r.returncode == 0, r.stderr
+    # prior preservation from the captions without the trigger, balanced by repeats; kohya's header records both
+    assert "+ 8 class images (repeats 2)" in r.stdout
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_num_reg_images"], meta["ss_num_repeats"], meta["ss_prior_loss_weight"]) == ("8", "2", "10.0")
     figures = json.loads(r.stdout.strip().splitlines()[-1])
     assert figures["kind"] == "lora" and figures["scale"] == pytest.approx(0.25) and figures["drift"] >= 0
     assert (out / "adapter.safetensors").is_file() and (out / "diffusers" / "pytorch_lora_weights.safetensors").is_file()

@@ -31,13 +31,16 @@ def add_train(tsub) -> None:
                     help="adapt the text encoder too (default: on for adapter kinds, off for full)")
     ta.add_argument("--text-encoder-lr", type=float, help="its own learning rate (default: --lr)")
     ta.add_argument("--trigger", help="trigger phrase, e.g. 'sks'; captions lacking it get it prepended")
-    ta.add_argument("--class-prompt", action="append", help="prior preservation: class prompt(s) for base-generated images")
-    ta.add_argument("--class-images", type=int, default=0, help="how many class images to generate (0: no prior preservation)")
+    ta.add_argument("--class-prompt", action="append", help="prior preservation: class prompt(s) for base-generated "
+                    "images (default: the captions without --trigger, e.g. 'a photo of sks dog' -> 'a photo of dog')")
+    ta.add_argument("--class-images", type=int, default=0, help="how many class images the frozen base generates "
+                    "(0: no prior preservation; a few dozen keep the base's knowledge, see README: Adapters)")
     ta.add_argument("--prior-weight", type=float, default=DEFAULT_PRIOR_WEIGHT, help="loss weight of class images")
     ta.add_argument("--prior-target", choices=("base", "noise"), default="base",
                     help="class images' target: the frozen base's own prediction (base: exactly 'leave these prompts "
                          "alone') or the added noise (noise: classic DreamBooth)")
-    ta.add_argument("--repeats", type=int, default=1, help="instance images per epoch (kohya's repeats)")
+    ta.add_argument("--repeats", type=int, help="instance images per epoch (kohya's repeats; default: about as "
+                    "many instance as class images per epoch, 1 without class images)")
     ta.add_argument("--flip", action="store_true", help="random horizontal flips")
     ta.add_argument("--caption-dropout", type=float, default=0.0, help="probability of training on an empty caption")
     ta.add_argument("--sample-prompt", action="append", help="prompt(s) for samples (default: the first captions)")
@@ -86,7 +89,7 @@ def train(args) -> int:
     what = "the whole UNet (full fine-tune)" if kind == "full" else learner.spec.describe()
     n_class = len(learner.data) - learner.data.n_instances
     print(f"training {what}: {learner.trained_parameter_count():,} parameters on {learner.data.n_instances} images"
-          + (f" + {n_class} class images" if n_class else ""))
+          + (f" + {n_class} class images (repeats {learner.data.repeats})" if n_class else ""))
     t0 = time.time()
     paths = training.train(learner, cfg, out, on_event=common.console_progress(out), resume=args.resume)
     train_seconds = time.time() - t0

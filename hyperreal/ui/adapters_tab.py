@@ -5,7 +5,10 @@ from typing import Callable
 
 import gradio as gr
 
-from ..adapters import DEFAULT_BATCH, DEFAULT_RANK, DEFAULT_STEPS, KIND_DEFAULTS
+from ..adapters import DEFAULT_BATCH, DEFAULT_PRIOR_WEIGHT, DEFAULT_RANK, DEFAULT_STEPS, KIND_DEFAULTS
+
+# prior preservation is on by default here: keeping the base's knowledge is the point of an adapter
+DEFAULT_CLASS_IMAGES = 32
 from .train_panel import build_train_panel
 
 SLOTS = 3
@@ -74,13 +77,18 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                                                  KIND_DEFAULTS["lora"]["lr"]))
             with gr.Row():
                 trigger = gr.Textbox(label="Trigger phrase (added to captions lacking it)", value="sks")
-                repeats = gr.Slider(1, 20, value=1, step=1, label="Repeats")
+                repeats = gr.Slider(0, 20, value=0, step=1, label="Repeats (0: as many instance as class images)")
                 flip = gr.Checkbox(label="Horizontal flips")
                 dropout = gr.Slider(0, 0.5, value=0.0, step=0.05, label="Caption dropout")
             with gr.Accordion("Prior preservation and text encoder", open=False):
+                gr.Markdown("The frozen base draws class images; training holds the adapted model to the base's "
+                            "own predictions on them, so what the base knew stays (lower drift).")
                 with gr.Row():
-                    class_prompt = gr.Textbox(label="Class prompt(s), separated by |", value="")
-                    class_images = gr.Slider(0, 200, value=0, step=1, label="Class images from the base")
+                    class_prompt = gr.Textbox(label="Class prompt(s), separated by |",
+                                              placeholder="empty: your captions without the trigger", value="")
+                    class_images = gr.Slider(0, 200, value=DEFAULT_CLASS_IMAGES, step=1,
+                                             label="Class images from the base (0: off)")
+                    prior_weight = gr.Number(label="Prior-loss weight", value=DEFAULT_PRIOR_WEIGHT, minimum=0)
                 with gr.Row():
                     train_te = gr.Checkbox(value=True, label="Adapt the text encoder too (not with full)")
                     te_lr = gr.Number(label="Text encoder learning rate (empty: same)", value=None)
@@ -92,7 +100,7 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                     "alpha": alpha, "rslora": rslora, "steps": steps, "batch_size": batch, "lr": lr,
                     "sample_every": sample_every, "trigger": trigger, "repeats": repeats, "flip": flip,
                     "caption_dropout": dropout, "class_prompt": class_prompt, "class_images": class_images,
-                    "train_text_encoder": train_te, "text_encoder_lr": te_lr}
+                    "train_text_encoder": train_te, "text_encoder_lr": te_lr, "prior_weight": prior_weight}
 
         panel = build_train_panel("adapter", knobs, start_training, default_caption)
         # a finished run appears in the slots' lists at once

@@ -104,7 +104,9 @@ def adapter_trainer(base: BaseModel, library: Library):
             train_text_encoder=bool(knobs.get("train_text_encoder")),
             text_encoder_lr=knobs.get("text_encoder_lr") or None, trigger=(knobs.get("trigger") or "").strip() or None,
             class_prompts=[p.strip() for p in (knobs.get("class_prompt") or "").split("|") if p.strip()],
-            class_images=int(knobs.get("class_images") or 0), repeats=int(knobs.get("repeats") or 1),
+            class_images=int(knobs.get("class_images") or 0), repeats=int(knobs.get("repeats") or 0) or None,
+            prior_weight=adapters.DEFAULT_PRIOR_WEIGHT if knobs.get("prior_weight") is None
+            else float(knobs["prior_weight"]),
             flip=bool(knobs.get("flip")), caption_dropout=float(knobs.get("caption_dropout") or 0.0),
             name=knobs.get("name") or f"{kind}_adapter")
         if kind != "full":
