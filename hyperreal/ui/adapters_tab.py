@@ -6,10 +6,10 @@ from typing import Callable
 import gradio as gr
 
 from ..adapters import DEFAULT_BATCH, DEFAULT_PRIOR_WEIGHT, DEFAULT_RANK, DEFAULT_STEPS, KIND_DEFAULTS
+from .train_panel import build_train_panel
 
 # prior preservation is on by default here: keeping the base's knowledge is the point of an adapter
 DEFAULT_CLASS_IMAGES = 32
-from .train_panel import build_train_panel
 
 SLOTS = 3
 WHAT = """**Frozen:** the whole base model (UNet, VAE, text encoder). **Learns:** small modules added beside its
