@@ -44,7 +44,8 @@ def main(argv: list[str]) -> int:
         steps, lr, bs = v.pop("steps"), v.pop("lr"), v.pop("bs", A.DEFAULT_BATCH)
         n_class = v.pop("class_images", A.STAR_CLASS_IMAGES)
         req = A.TrainRequest(data=str(data), class_prompts=A.shapes_class_prompts(n_class), class_images=n_class,
-                             repeats=v.pop("repeats", A.STAR_REPEATS), name="recipe", **v)
+                             repeats=v.pop("repeats", A.STAR_REPEATS), name="recipe",
+                             **{"trigger": A.STAR_TRIGGER, **v})
         cfg = training.TrainConfig(steps=steps, batch_size=bs, lr=lr, log_every=steps)
         r = A.star_trial(base, req, cfg, work / f"run{i}", star_pairs, plain, base_plain)
         print(json.dumps({"variant": shown, "star": r["star_rate"], "drift": round(r["drift"], 2),

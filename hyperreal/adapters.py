@@ -20,7 +20,7 @@ import random
 import re
 import time
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -190,6 +190,8 @@ def remove_all(pipe) -> None:
     """Take every adapter out, restoring the base modules (the wrappers go too)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    if pipe.text_encoder in _TOKENS:
+        _trigger_tokens(pipe).set(pipe, {})
     for _, model in _components(pipe):
         if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
             from diffusers.utils.peft_utils import recurse_remove_peft_layers
@@ -257,6 +259,7 @@ def activate(pipe, weights: dict[str, float]) -> None:
         if not known[name]["scalable"] and w != 1.0:
             raise HyperrealError(f"adapter '{name}' is {known[name]['kind']}, which has no strength: use weight 1.0")
     names = list(weights)
+    _sync_tokens(pipe, names)
     for layer in _tuner_layers(pipe):
         layer.set_adapter(names, inference_mode=True) if _accepts_inference_mode(layer) else layer.set_adapter(names)
         layer.enable_adapters(bool(names))
@@ -298,6 +301,93 @@ def fuse(pipe, names: list[str] | None = None) -> None:
 def unfuse(pipe) -> None:
     for layer in _tuner_layers(pipe):
         layer.unmerge()
+
+
+# --- trigger tokens: a trigger word the tokenizer cuts into pieces gets one new token (pivotal tuning) ---------
+
+# "sks" is s, k, s to a tokenizer that never saw it, so "a red sks star on the left" is ten tokens and its last
+# words sit where the base only ever read a second object's (README: Adapters). A new token for the word, whose
+# embedding trains beside the adapter (diffusers' advanced DreamBooth ``--train_text_encoder_ti``, A1111's and
+# OneTrainer's bundled embeddings), makes the trigger one word again, and prompts without it encode exactly as
+# the base encodes them. The tokens are in the tokenizer only while an adapter that defines them is active.
+
+_TOKENS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def split_trigger_words(tokenizer, trigger: str | None) -> list[str]:
+    """The words of the trigger that the tokenizer cuts into several tokens (each would get a token of its own)."""
+    words = dict.fromkeys(re.findall(r"\w+", (trigger or "").lower()))
+    return [w for w in words if len(tokenizer.tokenize(w)) > 1]
+
+
+def initial_token_vectors(pipe, words: list[str]) -> dict[str, torch.Tensor]:
+    """Each word's starting embedding: the mean of its pieces' (roughly what the base read, as one vector)."""
+    table = pipe.text_encoder.get_input_embeddings().weight
+    return {w: table[pipe.tokenizer(w, add_special_tokens=False).input_ids].detach().float().mean(0).clone()
+            for w in words}
+
+
+class _TriggerTokens:
+    """The words added to one text encoder's tokenizer, each with the vector of the adapter that defines it.
+
+    The vectors replace the table's rows through a forward hook on the input embedding, so a vector in training
+    stays a float32 parameter that gradients reach (the table itself may be half precision and stays frozen).
+    """
+
+    def __init__(self):
+        self.words: dict[str, tuple[str, torch.Tensor]] = {}  # word -> (adapter name, vector)
+        self.ids: dict[int, torch.Tensor] = {}
+        self.handle = None
+
+    def set(self, pipe, wanted: dict[str, tuple[str, torch.Tensor]]) -> None:
+        from transformers import AddedToken
+
+        drop = [w for w in self.words if w not in wanted]
+        if drop:  # diffusers' own removal: out of the tokenizer, and the rows out of the table
+            pipe.unload_textual_inversion(tokens=drop, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+        new = [w for w in wanted if w not in self.words]
+        if new:
+            # single_word: "sks" inside "tasks" stays part of that word (diffusers' load_textual_inversion adds
+            # plain tokens, which match inside words)
+            pipe.tokenizer.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in new])
+            pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
+        self.words = dict(wanted)
+        self.ids = {pipe.tokenizer.convert_tokens_to_ids(w): v for w, (_, v) in self.words.items()}
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        if self.ids:  # resizing replaces the embedding module, so the hook goes on the current one
+            self.handle = pipe.text_encoder.get_input_embeddings().register_forward_hook(self._substitute)
+
+    def _substitute(self, module, args, output):
+        ids = args[0]
+        for tid, vec in self.ids.items():
+            hit = ids == tid
+            if hit.any():
+                output = torch.where(hit[..., None], vec.to(output.device, output.dtype), output)
+        return output
+
+
+def _trigger_tokens(pipe) -> _TriggerTokens:
+    return _TOKENS.setdefault(pipe.text_encoder, _TriggerTokens())
+
+
+def _sync_tokens(pipe, names) -> None:
+    """Exactly the trigger tokens of these adapters in the tokenizer (none: the base's own tokenization)."""
+    wanted: dict[str, tuple[str, torch.Tensor]] = {}
+    for name in names:
+        for word, vec in _registry(pipe).get(name, {}).get("tokens", {}).items():
+            if word in wanted and wanted[word][0] != name:
+                raise HyperrealError(f"adapters '{wanted[word][0]}' and '{name}' both bring a token for '{word}'; "
+                                     "use one of them at a time")
+            wanted[word] = (name, vec)
+    if wanted or pipe.text_encoder in _TOKENS:
+        _trigger_tokens(pipe).set(pipe, wanted)
+
+
+def adapter_tokens(pipe, name: str) -> dict[str, torch.Tensor]:
+    """The trigger tokens an adapter brings (word -> vector); empty for most adapters."""
+    return _registry(pipe).get(name, {}).get("tokens", {})
 
 
 # --- files ------------------------------------------------------------------------------------------------
@@ -386,6 +476,7 @@ def _header(spec: AdapterSpec, info: dict, configs: dict) -> dict[str, str]:
         "hyperreal_trigger": str(info.get("trigger") or ""),
         "hyperreal_loads_in": LOADS_IN[spec.kind],
         "hyperreal_peft_config": json.dumps(configs),
+        "hyperreal_trigger_tokens": json.dumps(list(info.get("trigger_tokens") or [])),
     }
     return meta
 
@@ -400,15 +491,19 @@ def save_adapter(pipe, name: str, spec: AdapterSpec, out: str | Path, info: dict
     out.mkdir(parents=True, exist_ok=True)
     info = info or {}
     configs = _peft_config_dicts(pipe, name)
-    meta = _header(spec, info, configs)
+    tokens = {w: v.detach().float().reshape(1, -1).contiguous().cpu() for w, v in adapter_tokens(pipe, name).items()}
+    meta = _header(spec, {**info, "trigger_tokens": list(tokens)}, configs)
+    # trigger tokens ride in the same file as A1111's bundled embeddings (ComfyUI reads these keys too)
+    bundled = {f"bundle_emb.{w}.string_to_param.*": v for w, v in tokens.items()}
     paths = []
     main = out / f"{file_name}.safetensors"
     if spec.kind == "oft":
         sd = {f"{comp}.{k}": v.detach().float().contiguous().cpu() for comp, model in _components(pipe, spec.text_encoder)
               for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
-        save_file(sd, main, metadata={**meta, "hyperreal_format": "peft"})
+        save_file({**sd, **bundled}, main, metadata={**meta, "hyperreal_format": "peft"})
     else:
-        save_file(kohya_state_dict(pipe, name, spec), main, metadata={**meta, "hyperreal_format": "kohya"})
+        save_file({**kohya_state_dict(pipe, name, spec), **bundled}, main,
+                  metadata={**meta, "hyperreal_format": "kohya"})
     paths.append(main)
     if spec.kind in ("lora", "dora"):
         from diffusers import StableDiffusionPipeline
@@ -426,11 +521,20 @@ def save_adapter(pipe, name: str, spec: AdapterSpec, out: str | Path, info: dict
             unet_lora_adapter_metadata=configs["unet"],
             text_encoder_lora_adapter_metadata=configs.get("text_encoder"), safe_serialization=True)
         paths.append(folder / "pytorch_lora_weights.safetensors")
+    loads_in = {paths[0]: LOADS_IN[spec.kind], **({paths[1]: "diffusers (load_lora_weights), hyperreal"}
+                                                  if len(paths) > 1 else {})}
+    for word, v in tokens.items() if spec.kind in ("lora", "dora") else ():
+        # beside the diffusers LoRA, the form diffusers' advanced DreamBooth script writes (key "clip_l")
+        emb = out / "diffusers" / f"{_safe_name(word)}_emb.safetensors"
+        emb.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"clip_l": v}, emb, metadata={"hyperreal_token": word})
+        paths.append(emb)
+        loads_in[emb] = (f"diffusers: pipe.load_textual_inversion(load_file(path)['clip_l'], token='{word}') "
+                         "beside the LoRA")
     (out / "adapter.json").write_text(json.dumps({
         "kind": spec.kind, "spec": asdict(spec), "scale": spec.scale, "files": [str(p.relative_to(out)) for p in paths],
-        "loads_in": {str(paths[0].relative_to(out)): LOADS_IN[spec.kind],
-                     **({str(paths[1].relative_to(out)): "diffusers (load_lora_weights), hyperreal"}
-                        if len(paths) > 1 else {})},
+        "loads_in": {str(p.relative_to(out)): text for p, text in loads_in.items()},
+        "trigger_tokens": list(tokens),
         **{k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))}}, indent=2) + "\n")
     return paths
 
@@ -487,14 +591,23 @@ def load_adapter(pipe, source: str, name: str | None = None) -> str:
         return _load_with_diffusers(pipe, source, name, source)
     meta, keys = _read_header(path)
     kind = meta.get("hyperreal_kind")
+    tokens = _bundled_tokens(pipe, path, keys, source)
     if "hyperreal_peft_config" not in meta or meta.get("hyperreal_format") not in ("kohya", "peft"):
         if any(".hada_" in k or ".lokr_" in k or k.endswith(".dora_scale") for k in keys):
             raise HyperrealError(f"adapter '{source}': LoHa/LoKr/DoRA files are read only when hyperreal wrote them "
                                  "(their PEFT config is in the header); plain LoRA files from any tool load")
-        return _load_with_diffusers(pipe, str(path), name, source, kind or "lora")
+        where = str(path)
+        if tokens:  # diffusers' LoRA loader does not know bundled embeddings: give it the LoRA tensors alone
+            from safetensors.torch import load_file
+
+            where = {k: v for k, v in load_file(str(path)).items() if not k.startswith("bundle_emb.")}
+        name = _load_with_diffusers(pipe, where, name, source, kind or "lora")
+        if tokens:
+            _registry(pipe)[name]["tokens"] = tokens
+        return name
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("bundle_emb.")}
     spec = AdapterSpec(**json.loads(meta["hyperreal_spec"]))
     config_cls = {"lora": LoraConfig, "dora": LoraConfig, "loha": LoHaConfig, "lokr": LoKrConfig, "oft": OFTConfig}[kind]
     configs = {}
@@ -518,8 +631,32 @@ def load_adapter(pipe, source: str, name: str | None = None) -> str:
         if problem:
             remove_adapter(pipe, name)
             raise HyperrealError(f"adapter '{source}' does not fit this base's {comp} ({problem})")
-    _registry(pipe)[name] = {"kind": kind, "source": str(path), "scalable": kind != "oft", "configs": configs}
+    _registry(pipe)[name] = {"kind": kind, "source": str(path), "scalable": kind != "oft", "configs": configs,
+                             **({"tokens": tokens} if tokens else {})}
     return name
+
+
+_BUNDLED = re.compile(r"bundle_emb\.(.+)\.(string_to_param\.\*|clip_l)")
+
+
+def _bundled_tokens(pipe, path: Path, keys: list[str], source: str) -> dict[str, torch.Tensor]:
+    """Trigger tokens bundled in a LoRA file (A1111's ``bundle_emb.WORD.string_to_param.*``, OneTrainer's
+    ``bundle_emb.WORD.clip_l``), one vector each, checked against this base's text encoder."""
+    from safetensors import safe_open
+
+    found = {m.group(1): k for k in keys if (m := _BUNDLED.fullmatch(k))}
+    if not found:
+        return {}
+    width = pipe.text_encoder.get_input_embeddings().embedding_dim
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for word, key in found.items():
+            v = f.get_tensor(key).float()
+            if v.dim() != 2 or v.shape != (1, width):
+                raise HyperrealError(f"adapter '{source}': its embedding for '{word}' has shape {tuple(v.shape)}; "
+                                     f"this base's text encoder takes one vector of {width}")
+            out[word] = v[0].to(pipe.text_encoder.device)
+    return out
 
 
 def _kohya_to_peft(tensors: dict, model, prefix: str, spec: AdapterSpec, name: str) -> dict[str, torch.Tensor]:
@@ -550,10 +687,12 @@ def _kohya_to_peft(tensors: dict, model, prefix: str, spec: AdapterSpec, name: s
     return sd
 
 
-def _load_with_diffusers(pipe, where: str, name: str, source: str, kind: str = "lora") -> str:
+def _load_with_diffusers(pipe, where: str | dict, name: str, source: str, kind: str = "lora") -> str:
     try:
-        path = Path(where)
-        if path.is_file():
+        path = Path(where) if isinstance(where, str) else None
+        if path is None:  # a state dict
+            pipe.load_lora_weights(where, adapter_name=name)
+        elif path.is_file():
             pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name, use_safetensors=True)
         else:
             pipe.load_lora_weights(where, adapter_name=name, use_safetensors=True)  # never a pickle
@@ -567,6 +706,8 @@ def _load_with_diffusers(pipe, where: str, name: str, source: str, kind: str = "
 
 
 def remove_adapter(pipe, name: str) -> None:
+    if pipe.text_encoder in _TOKENS:  # its trigger tokens leave the tokenizer; others' stay
+        _sync_tokens(pipe, {owner for owner, _ in _TOKENS[pipe.text_encoder].words.values() if owner != name})
     for layer in _tuner_layers(pipe):
         if name in layer._all_available_adapter_names():
             layer.delete_adapter(name)
@@ -587,6 +728,7 @@ def describe_file(path: str | Path) -> dict:
     return {"kind": meta.get("hyperreal_kind", "lora"), "rank": meta.get("ss_network_dim"),
             "alpha": meta.get("ss_network_alpha"), "scale": meta.get("hyperreal_scale"),
             "loads_in": meta.get("hyperreal_loads_in", "diffusers, AUTOMATIC1111, ComfyUI (LoRA keys)"),
+            "trigger_tokens": [m.group(1) for k in keys if (m := _BUNDLED.fullmatch(k))],
             "tensors": len(keys)}
 
 
@@ -621,6 +763,7 @@ def job_adapters(pipe, items: list[dict] | None):
     disables everything, so a later job that asks for no adapters runs the plain base.
     """
     if not items:
+        _sync_tokens(pipe, [])
         with adapters_disabled(pipe):
             yield []
         return
@@ -644,6 +787,7 @@ def job_adapters(pipe, items: list[dict] | None):
         activate(pipe, weights)
         yield list(weights)
     finally:
+        _sync_tokens(pipe, [])  # the next job tokenizes as the base does
         for layer in _tuner_layers(pipe):
             layer.enable_adapters(False)
 
@@ -841,24 +985,32 @@ class AdapterLearner(_DiffusionLearner):
     STALL_STEPS = 3
 
     def __init__(self, pipe, data: DreamBoothData, spec: AdapterSpec, name: str = "default",
-                 text_encoder_lr: float | None = None, seed: int = 0, info: dict | None = None, **sample):
-        if spec.text_encoder and data.cache_text:
-            raise HyperrealError("training the text encoder needs uncached text: build the data with cache_text=False")
+                 text_encoder_lr: float | None = None, seed: int = 0, info: dict | None = None,
+                 tokens: dict[str, torch.Tensor] | None = None, **sample):
+        if (spec.text_encoder or tokens) and data.cache_text:
+            raise HyperrealError("training the text encoder or a trigger token needs uncached text: build the data "
+                                 "with cache_text=False")
         super().__init__(pipe, data, **sample)
         self.spec, self.name, self.text_encoder_lr = spec, name, text_encoder_lr
         self.info = dict(info or {})
         self.unet = pipe.unet
         self.sample_pipe = pipe
         self.params = attach(pipe, spec, name, seed)
+        # trigger tokens (pivotal tuning): float32 vectors that train with the text-encoder group
+        self.tokens = {w: torch.nn.Parameter(v.detach().float().clone().to(pipe.text_encoder.device))
+                       for w, v in (tokens or {}).items()}
+        if self.tokens:
+            _registry(pipe)[name]["tokens"] = self.tokens
+            self.params += list(self.tokens.values())
         activate(pipe, {name: 1.0})
         for p in self.params:
             p.requires_grad_(True)
-        self._named = adapter_parameters(pipe, name)
+        self._named = {**adapter_parameters(pipe, name), **{f"token.{w}": p for w, p in self.tokens.items()}}
         self._start: dict[str, torch.Tensor] | None = None
         self._checked = 0
 
     def trainable_parameters(self) -> list:
-        te = {id(p) for p in self.pipe.text_encoder.parameters()}
+        te = {id(p) for p in list(self.pipe.text_encoder.parameters()) + list(self.tokens.values())}
         unet_params = [p for p in self.params if id(p) not in te]
         te_params = [p for p in self.params if id(p) in te]
         groups = [{"params": unet_params}]
@@ -1043,9 +1195,9 @@ def star_scores(images, pairs) -> dict:
 KIND_DEFAULTS = {"lora": {"lr": 1e-3}, "dora": {"lr": 1e-3}, "loha": {"lr": 1e-3}, "lokr": {"lr": 1e-3},
                  "oft": {"lr": 1e-3}, "full": {"lr": 1e-4}}
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_RANK = 2000, 8, 8
-# chosen on the star task (README: Adapters): from 3 to 10 drift fell and stars rose; at 20 drift fell further
-# but stars fell too
-DEFAULT_PRIOR_WEIGHT = 10.0
+# chosen on the star task (README: Adapters): with a text-encoder LoRA, from 3 to 10 drift fell and stars rose and
+# at 20 stars fell; with a trigger token instead, 15 kept the stars (93.8%) and brought accuracy within 5 points
+DEFAULT_PRIOR_WEIGHT = 15.0
 # the star benchmark's prior preservation: class images, and instance repeats that balance them per epoch
 STAR_CLASS_IMAGES, STAR_REPEATS = 64, 8
 PRIOR_TARGETS = ("base", "noise")
@@ -1060,11 +1212,14 @@ class TrainRequest:
     preset: str = "diffusers-like"
     placement: str = "attention+ff"
     rslora: bool = False
-    # None: adapt the text encoder too for adapter kinds (kohya's default; on the star task it let the trigger
-    # separate from the words the base knows), never for ``full`` (which fine-tunes the UNet only)
+    # a LoRA on the text encoder. None: for adapter kinds only when no trigger token is trained (then it is what
+    # lets the trigger separate from the words the base knows); a token does that without moving how prompts
+    # without the trigger are encoded (star task: drift 2.90 without the LoRA, 4.21 with). Never for ``full``
     train_text_encoder: bool | None = None
     text_encoder_lr: float | None = None
     trigger: str | None = None
+    # a trigger word that the tokenizer cuts into pieces gets a new token with a trained embedding (adapter kinds)
+    trigger_token: bool = True
     class_prompts: list[str] = field(default_factory=list)
     class_images: int = 0
     prior_weight: float = DEFAULT_PRIOR_WEIGHT
@@ -1080,6 +1235,7 @@ class TrainRequest:
 
     @property
     def adapts_text_encoder(self) -> bool:
+        """Before :func:`make_learner` resolves None against the tokenizer: on for adapter kinds."""
         return self.kind != "full" if self.train_text_encoder is None else bool(self.train_text_encoder)
 
     def spec(self) -> AdapterSpec:
@@ -1095,25 +1251,40 @@ def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = N
         raise HyperrealError("--kind full fine-tunes the UNet only; drop --train-text-encoder")
     instances = instance_examples(req.data, req.trigger)
     steps, guidance = base.defaults["steps"], base.defaults["guidance"]
+    name = _safe_name(req.name)
+    words = []
+    if req.kind != "full" and req.trigger_token:
+        _sync_tokens(base.pipe, [])  # judged on the base's own tokenizer
+        words = split_trigger_words(base.pipe.tokenizer, req.trigger)
+        if words and req.train_text_encoder is None:  # the token teaches the text side (see TrainRequest)
+            req = replace(req, train_text_encoder=False)
     classes = []
     if req.class_images:
         prompts = req.class_prompts or class_prompts_for(instances, req.trigger)
         classes = class_images(base.pipe, prompts, req.class_images, Path(out) / "class_images",
                                steps, guidance, seed=req.seed)
     repeats = req.repeats if req.repeats is not None else balanced_repeats(len(instances), len(classes))
-    data = DreamBoothData(base.pipe, instances, classes, req.prior_weight, repeats, req.flip,
-                          req.caption_dropout, cache_text=not req.adapts_text_encoder, prior_uncond=req.prior_uncond,
-                          size=(base.defaults["width"], base.defaults["height"]))
+    tokens = initial_token_vectors(base.pipe, words)
+    if tokens:  # in the tokenizer before the captions are tokenized
+        _trigger_tokens(base.pipe).set(base.pipe, {w: (name, v) for w, v in tokens.items()})
     sample = dict(sample_prompts=req.sample_prompts or None, sample_steps=steps, sample_guidance=guidance,
                   sample_seed=req.seed, prior_target=req.prior_target)
     info = {"base": base.name, "trigger": req.trigger, "images": len(instances), "class_images": len(classes),
             "repeats": repeats, "prior_weight": req.prior_weight if classes else 0.0,
-            "resolution": f"{base.defaults['width']}x{base.defaults['height']}", "file_name": _safe_name(req.name),
-            **(info or {})}
-    if req.kind == "full":
-        return FullFineTune(base.pipe, data, info=info, **sample)
-    return AdapterLearner(base.pipe, data, req.spec(), name=_safe_name(req.name), text_encoder_lr=req.text_encoder_lr,
-                          seed=req.seed, info=info, **sample)
+            "resolution": f"{base.defaults['width']}x{base.defaults['height']}", "file_name": name,
+            "trigger_tokens": words, **(info or {})}
+    try:
+        data = DreamBoothData(base.pipe, instances, classes, req.prior_weight, repeats, req.flip,
+                              req.caption_dropout, cache_text=not (req.adapts_text_encoder or tokens),
+                              prior_uncond=req.prior_uncond, size=(base.defaults["width"], base.defaults["height"]))
+        if req.kind == "full":
+            return FullFineTune(base.pipe, data, info=info, **sample)
+        return AdapterLearner(base.pipe, data, req.spec(), name=name, text_encoder_lr=req.text_encoder_lr,
+                              seed=req.seed, info=info, tokens=tokens, **sample)
+    except BaseException:
+        if tokens:  # no learner owns them: the base's tokenizer again
+            _sync_tokens(base.pipe, [])
+        raise
 
 
 def class_prompts_for(instances: list, trigger: str | None) -> list[str]:
@@ -1210,8 +1381,9 @@ def star_benchmark(kinds: list[str], work: str | Path, steps: int = DEFAULT_STEP
     log(f"base '{base_name}': star rate {100 * base_star['star_rate']:.1f}%, colour+shape accuracy on "
         f"{len(plain_pairs)} prompts without the trigger {100 * base_acc:.1f}%")
     for kind in kinds:
-        req = TrainRequest(data=str(data), kind=kind, class_prompts=shapes_class_prompts(class_images),
-                           class_images=class_images, repeats=repeats, name=f"star_{kind}")
+        req = TrainRequest(data=str(data), kind=kind, trigger=STAR_TRIGGER,
+                           class_prompts=shapes_class_prompts(class_images), class_images=class_images,
+                           repeats=repeats, name=f"star_{kind}")
         cfg = training.TrainConfig(steps=steps, batch_size=batch_size, lr=KIND_DEFAULTS[kind]["lr"],
                                    log_every=max(steps // 4, 1))
         # a fresh base per kind: nothing carries over between runs

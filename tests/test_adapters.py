@@ -314,6 +314,95 @@ def test_other_kinds_round_trip_through_hyperreal(base, tmp_path, kind):
     assert path.is_file()
 
 
+# --- trigger tokens (pivotal tuning) -------------------------------------------------------------------------
+
+def text_states(pipe, prompt: str) -> torch.Tensor:
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def test_split_trigger_gets_a_token_that_trains_and_leaves_other_prompts_alone(base, stars, tmp_path):
+    """"sks" is s, k, s to the tiny tokenizer: it becomes one new token whose vector trains; prompts without it
+    encode exactly as the base's; removing the adapter restores the base's tokenizer and weights bit for bit."""
+    tok = base.pipe.tokenizer
+    assert A.split_trigger_words(tok, "a sks star") == ["sks"] and A.split_trigger_words(tok, "x") == []
+    before, plain_states = base_weights_hash(base.pipe), text_states(base.pipe, "a red circle, tasks")
+    base_split = tok.tokenize("a red sks star, tasks")
+    learner = learner_for(base, stars, tmp_path, trigger="sks")
+    # the token teaches the text side, so by default the text encoder gets no LoRA (its weights stay the base's)
+    assert list(learner.tokens) == ["sks"] and not learner.spec.text_encoder and not learner.data.cache_text
+    assert tok.tokenize("a red sks star, tasks") == ["a</w>", "red</w>", "sks", "star</w>", ",</w>", "t", "a", "s",
+                                                       "k", "s</w>"]  # whole words only: "tasks" is untouched
+    start = learner.tokens["sks"].detach().clone()
+    paths = training.train(learner, training.TrainConfig(steps=4, batch_size=2, lr=1e-3, log_every=2), tmp_path / "o")
+    assert not torch.equal(learner.tokens["sks"].detach(), start)
+    assert torch.equal(text_states(base.pipe, "a red circle, tasks"), plain_states)
+    from safetensors import safe_open
+
+    with safe_open(str(paths[0]), "pt") as f:
+        meta, vec = f.metadata(), f.get_tensor("bundle_emb.sks.string_to_param.*")
+    assert json.loads(meta["hyperreal_trigger_tokens"]) == ["sks"] and torch.equal(vec[0], learner.tokens["sks"].detach())
+    assert A.describe_file(paths[0])["trigger_tokens"] == ["sks"]
+    A.remove_adapter(base.pipe, learner.name)
+    assert tok.tokenize("a red sks star, tasks") == base_split and base_weights_hash(base.pipe) == before
+    assert learner_for(base, stars, tmp_path / "off", trigger="sks", trigger_token=False).tokens == {}
+
+
+@pytest.mark.parametrize("which", ["ours", "diffusers", "external"])
+def test_trigger_token_round_trip(base, stars, tmp_path, which):
+    """The token travels with the file: ours through load_adapter, diffusers' LoRA + textual inversion files,
+    and a kohya file from another tool with the embedding bundled (no hyperreal header)."""
+    from safetensors.torch import load_file, save_file
+
+    from hyperreal.loading import load_base
+
+    learner = learner_for(base, stars, tmp_path, trigger="sks", train_text_encoder=False)
+    perturb(learner.params, size=0.05)  # the token and every LoRA weight away from their start
+    prompts = [("a red sks star", 1), ("a blue sks star on the left", 2)]
+    from hyperreal.shapes.benchmark import generate_batch
+
+    want = A.images_array(generate_batch(base.pipe, prompts, STEPS, 5.0))
+    paths = learner.save(tmp_path / "files")
+    assert [p.name for p in paths] == ["adapter.safetensors", "pytorch_lora_weights.safetensors", "sks_emb.safetensors"]
+    fresh = load_base("tiny").pipe
+    if which == "diffusers":
+        fresh.load_lora_weights(str(paths[1].parent), adapter_name="x")
+        fresh.load_textual_inversion(load_file(str(paths[2]))["clip_l"], token="sks")
+    else:
+        path = paths[0]
+        if which == "external":
+            path = tmp_path / "external.safetensors"
+            save_file(load_file(str(paths[0])), path)  # the tensors alone: no hyperreal header
+        A.activate(fresh, {A.load_adapter(fresh, str(path)): 1.0})
+    got = A.images_array(generate_batch(fresh, prompts, STEPS, 5.0))
+    assert np.abs(got - want).max() <= 1
+
+
+def test_jobs_with_a_trigger_token_do_not_leak(base, stars, tmp_path):
+    """A job with the adapter reads "sks" as its token; the next job without adapters reads s, k, s as the base."""
+    learner = learner_for(base, stars, tmp_path, trigger="sks", train_text_encoder=False)
+    perturb(list(learner.tokens.values()), size=0.5)
+    path = learner.save(tmp_path / "files")[0]
+    A.remove_adapter(base.pipe, learner.name)
+    plain = GenerationJob("a red sks star", 3, steps=STEPS)
+    ref, _ = run_job(base, plain)
+    adapted, _ = run_job(base, GenerationJob("a red sks star", 3, steps=STEPS, adapters=[{"path": str(path), "weight": 1.0}]))
+    assert adapted.tobytes() != ref.tobytes()
+    again, _ = run_job(base, plain)
+    assert again.tobytes() == ref.tobytes()
+    other = tmp_path / "other.safetensors"
+    import shutil
+
+    shutil.copy(path, other)
+    with pytest.raises(HyperrealError, match="both bring a token for 'sks'"):
+        run_job(base, GenerationJob("a red sks star", 3, steps=STEPS, adapters=[{"path": str(path), "weight": 1.0},
+                                                                                  {"path": str(other), "weight": 1.0}]))
+    again, _ = run_job(base, plain)
+    assert again.tobytes() == ref.tobytes()
+
+
 # --- inference ----------------------------------------------------------------------------------------------
 
 def _lora_file(pipe, folder, seed, name):
@@ -418,11 +507,14 @@ def test_cli_train_adapter_writes_its_files(tmp_path, stars):
 
     with safe_open(str(out / "adapter.safetensors"), "pt") as f:
         meta = f.metadata()
-    assert (meta["ss_num_reg_images"], meta["ss_num_repeats"], meta["ss_prior_loss_weight"]) == ("8", "2", "10.0")
+    assert (meta["ss_num_reg_images"], meta["ss_num_repeats"], meta["ss_prior_loss_weight"]) == ("8", "2", "15.0")
     figures = json.loads(r.stdout.strip().splitlines()[-1])
     assert figures["kind"] == "lora" and figures["scale"] == pytest.approx(0.25) and figures["drift"] >= 0
     assert (out / "adapter.safetensors").is_file() and (out / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
     assert "loads in:" in r.stdout and "effective scale 0.25" in r.stdout
+    # "sks" is three tokens to the tiny tokenizer: a token of its own, in the file and beside the diffusers LoRA
+    assert "trigger word 'sks' is several tokens" in r.stdout and json.loads(meta["hyperreal_trigger_tokens"]) == ["sks"]
+    assert "load_textual_inversion" in r.stdout and (out / "diffusers" / "sks_emb.safetensors").is_file()
     assert list((out / "samples").glob("step-000002-*.png"))
 
 

@@ -28,9 +28,14 @@ def add_train(tsub) -> None:
     ta.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(rank) (LoRA/DoRA)")
     ta.add_argument("--placement", default="attention+ff", help="attention | attention+ff (kohya's default) | all (+ ResNet convs)")
     ta.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
-                    help="adapt the text encoder too (default: on for adapter kinds, off for full)")
-    ta.add_argument("--text-encoder-lr", type=float, help="its own learning rate (default: --lr)")
+                    help="a LoRA on the text encoder too (default: for adapter kinds when no trigger token is "
+                         "trained, see --trigger-token; never for full)")
+    ta.add_argument("--text-encoder-lr", type=float, help="learning rate of the text side: its LoRA and the trigger "
+                    "tokens (default: --lr)")
     ta.add_argument("--trigger", help="trigger phrase, e.g. 'sks'; captions lacking it get it prepended")
+    ta.add_argument("--trigger-token", action=argparse.BooleanOptionalAction, default=True,
+                    help="a trigger word the tokenizer cuts into pieces gets a new token whose embedding trains with "
+                         "the adapter (pivotal tuning; saved in the file as a bundled embedding). Default: on")
     ta.add_argument("--class-prompt", action="append", help="prior preservation: class prompt(s) for base-generated "
                     "images (default: the captions without --trigger, e.g. 'a photo of sks dog' -> 'a photo of dog')")
     ta.add_argument("--class-images", type=int, default=0, help="how many class images the frozen base generates "
@@ -75,7 +80,7 @@ def train(args) -> int:
     req = adapters.TrainRequest(
         data=args.data, kind=kind, rank=args.rank, alpha=args.alpha, preset=args.preset, placement=args.placement,
         rslora=args.rslora, train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
-        trigger=args.trigger, class_prompts=args.class_prompt or [], class_images=args.class_images,
+        trigger=args.trigger, trigger_token=args.trigger_token, class_prompts=args.class_prompt or [], class_images=args.class_images,
         prior_weight=args.prior_weight, prior_target=args.prior_target, repeats=args.repeats, flip=args.flip, caption_dropout=args.caption_dropout,
         sample_prompts=args.sample_prompt or [], name=args.name, seed=args.seed)
     if kind != "full":
@@ -90,16 +95,17 @@ def train(args) -> int:
     n_class = len(learner.data) - learner.data.n_instances
     print(f"training {what}: {learner.trained_parameter_count():,} parameters on {learner.data.n_instances} images"
           + (f" + {n_class} class images (repeats {learner.data.repeats})" if n_class else ""))
+    for word in getattr(learner, "tokens", {}):
+        print(f"trigger word '{word}' is several tokens to this tokenizer: it gets a new token of its own, "
+              "trained with the adapter and saved in its file")
     t0 = time.time()
     paths = training.train(learner, cfg, out, on_event=common.console_progress(out), resume=args.resume)
     train_seconds = time.time() - t0
     pairs = adapters.default_drift_prompts(base.name, learner.data.captions, args.trigger, args.drift_samples)
     measured = adapters.drift(learner, pairs, steps, guidance)
+    loads_in = {} if kind == "full" else json.loads((out / "adapter.json").read_text())["loads_in"]
     for p in paths:
-        where = (adapters.describe_file(p)["loads_in"] if p.suffix == ".safetensors" and kind != "full"
-                 else "diffusers (UNet2DConditionModel.from_pretrained)")
-        if p.parent.name == "diffusers":
-            where = "diffusers (load_lora_weights), hyperreal"
+        where = loads_in.get(str(p.relative_to(out)), "diffusers (UNet2DConditionModel.from_pretrained)")
         print(f"wrote {p} (loads in: {where})")
     print(f"drift on {len(pairs)} prompts without the trigger: mean abs pixel difference {measured['drift']:.2f} "
           "(0-255) from the base, same seeds")

@@ -90,17 +90,25 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                                              label="Class images from the base (0: off)")
                     prior_weight = gr.Number(label="Prior-loss weight", value=DEFAULT_PRIOR_WEIGHT, minimum=0)
                 with gr.Row():
-                    train_te = gr.Checkbox(value=True, label="Adapt the text encoder too (not with full)")
+                    train_te = gr.Dropdown(
+                        ["auto", "on", "off"], value="auto", label="LoRA on the text encoder (not with full)",
+                        info="auto: only when no trigger token is trained (the token teaches the text side and "
+                             "keeps other prompts exactly as the base encodes them)")
                     te_lr = gr.Number(label="Text encoder learning rate (empty: same)", value=None)
+                    trigger_token = gr.Checkbox(
+                        value=True, label="New token for a trigger word the tokenizer splits (pivotal tuning)",
+                        info="Its embedding trains with the adapter and is saved in the file; prompts without the "
+                             "trigger are encoded exactly as by the base")
             gr.on([c.change for c in (kind, rank, alpha, preset, rslora, lr)], effective_scale,
                   [kind, rank, alpha, preset, rslora, lr], scale, queue=False, api_name="adapter_effective_scale")
-            kind.change(lambda k: (KIND_DEFAULTS[k]["lr"], k != "full"), kind, [lr, train_te], queue=False,
-                        api_name="adapter_kind_defaults")
+            kind.change(lambda k: (KIND_DEFAULTS[k]["lr"], "auto" if k != "full" else "off"), kind, [lr, train_te],
+                        queue=False, api_name="adapter_kind_defaults")
             return {"kind": kind, "placement": placement, "name": name, "rank": rank, "preset": preset,
                     "alpha": alpha, "rslora": rslora, "steps": steps, "batch_size": batch, "lr": lr,
                     "sample_every": sample_every, "trigger": trigger, "repeats": repeats, "flip": flip,
                     "caption_dropout": dropout, "class_prompt": class_prompt, "class_images": class_images,
-                    "train_text_encoder": train_te, "text_encoder_lr": te_lr, "prior_weight": prior_weight}
+                    "train_text_encoder": train_te, "text_encoder_lr": te_lr, "prior_weight": prior_weight,
+                    "trigger_token": trigger_token}
 
         panel = build_train_panel("adapter", knobs, start_training, default_caption)
         # a finished run appears in the slots' lists at once

@@ -101,8 +101,9 @@ def adapter_trainer(base: BaseModel, library: Library):
         req = adapters.TrainRequest(
             data=str(data), kind=kind, rank=int(knobs["rank"]), alpha=knobs.get("alpha") or None,
             preset=knobs["preset"], placement=knobs["placement"], rslora=bool(knobs.get("rslora")),
-            train_text_encoder=bool(knobs.get("train_text_encoder")),
+            train_text_encoder={"on": True, "off": False}.get(knobs.get("train_text_encoder") or "auto"),
             text_encoder_lr=knobs.get("text_encoder_lr") or None, trigger=(knobs.get("trigger") or "").strip() or None,
+            trigger_token=bool(knobs.get("trigger_token", True)),
             class_prompts=[p.strip() for p in (knobs.get("class_prompt") or "").split("|") if p.strip()],
             class_images=int(knobs.get("class_images") or 0), repeats=int(knobs.get("repeats") or 0) or None,
             prior_weight=adapters.DEFAULT_PRIOR_WEIGHT if knobs.get("prior_weight") is None

@@ -80,8 +80,8 @@ def test_settings_go_back_to_the_form(app_url):
 def adapter_knobs(steps, **over):
     k = dict(kind="lora", placement="attention+ff", name="app_lora", rank=4, preset="diffusers-like", alpha=None,
              rslora=False, steps=steps, batch_size=2, lr=1e-3, sample_every=5, trigger="sks", repeats=1, flip=False,
-             caption_dropout=0.0, class_prompt="", class_images=0, train_text_encoder=False, text_encoder_lr=None,
-             prior_weight=10.0)
+             caption_dropout=0.0, class_prompt="", class_images=0, train_text_encoder="off", text_encoder_lr=None,
+             prior_weight=10.0, trigger_token=True)
     k.update(over)
     return list(k.values())
 
