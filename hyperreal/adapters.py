@@ -259,7 +259,7 @@ def activate(pipe, weights: dict[str, float]) -> None:
         if not known[name]["scalable"] and w != 1.0:
             raise HyperrealError(f"adapter '{name}' is {known[name]['kind']}, which has no strength: use weight 1.0")
     names = list(weights)
-    _sync_tokens(pipe, names)
+    _sync_tokens(pipe, [n for n, w in weights.items() if w != 0])  # weight 0 is off, its token too
     for layer in _tuner_layers(pipe):
         layer.set_adapter(names, inference_mode=True) if _accepts_inference_mode(layer) else layer.set_adapter(names)
         layer.enable_adapters(bool(names))

@@ -392,6 +392,8 @@ def test_jobs_with_a_trigger_token_do_not_leak(base, stars, tmp_path):
     assert adapted.tobytes() != ref.tobytes()
     again, _ = run_job(base, plain)
     assert again.tobytes() == ref.tobytes()
+    zero, _ = run_job(base, GenerationJob("a red sks star", 3, steps=STEPS, adapters=[{"path": str(path), "weight": 0.0}]))
+    assert zero.tobytes() == ref.tobytes()  # weight 0 is off, token and all
     other = tmp_path / "other.safetensors"
     import shutil
 

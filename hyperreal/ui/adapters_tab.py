@@ -13,8 +13,9 @@ DEFAULT_CLASS_IMAGES = 32
 
 SLOTS = 3
 WHAT = """**Frozen:** the whole base model (UNet, VAE, text encoder). **Learns:** small modules added beside its
-layers — LoRA, DoRA, LoHa, LoKr or OFT through PEFT — a few hundred thousand numbers instead of millions. An
-adapter starts as an exact no-op, so training begins from the base's behaviour. After training, *drift* measures
+layers — LoRA, DoRA, LoHa, LoKr or OFT through PEFT — a few hundred thousand numbers instead of millions, plus one
+token for a trigger word the tokenizer does not know as a word. An adapter starts as an exact no-op, so training
+begins from the base's behaviour. After training, *drift* measures
 how far images for prompts **without** your trigger moved from the base: the knowledge you wanted to keep."""
 KINDS = [("LoRA", "lora"), ("DoRA", "dora"), ("LoHa", "loha"), ("LoKr", "lokr"), ("OFT", "oft"),
          ("Full UNet fine-tune (comparison; not an adapter)", "full")]
