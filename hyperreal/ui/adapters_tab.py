@@ -14,9 +14,9 @@ DEFAULT_CLASS_IMAGES = 32
 SLOTS = 3
 WHAT = """**Frozen:** the whole base model (UNet, VAE, text encoder). **Learns:** small modules added beside its
 layers — LoRA, DoRA, LoHa, LoKr or OFT through PEFT — a few hundred thousand numbers instead of millions, plus one
-token for a trigger word the tokenizer does not know as a word. An adapter starts as an exact no-op, so training
-begins from the base's behaviour. After training, *drift* measures
-how far images for prompts **without** your trigger moved from the base: the knowledge you wanted to keep."""
+token for a trigger word the tokenizer does not know as a word. For prompts without the trigger an adapter starts
+as an exact no-op, so training begins from the base's behaviour. After training, *drift* measures how far images
+for prompts **without** your trigger moved from the base: the knowledge you wanted to keep."""
 KINDS = [("LoRA", "lora"), ("DoRA", "dora"), ("LoHa", "loha"), ("LoKr", "lokr"), ("OFT", "oft"),
          ("Full UNet fine-tune (comparison; not an adapter)", "full")]
 PLACEMENTS = [("cross-attention keys/values only (Custom Diffusion)", "cross-attention"),
@@ -95,7 +95,7 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                         ["auto", "on", "off"], value="auto", label="LoRA on the text encoder (not with full)",
                         info="auto: only when no trigger token is trained (the token teaches the text side and "
                              "keeps other prompts exactly as the base encodes them)")
-                    te_lr = gr.Number(label="Text encoder learning rate (empty: same)", value=None)
+                    te_lr = gr.Number(label="Text-side learning rate: its LoRA and the token (empty: same)", value=None)
                     trigger_token = gr.Checkbox(
                         value=True, label="New token for a trigger word the tokenizer splits (pivotal tuning)",
                         info="Its embedding trains with the adapter and is saved in the file; prompts without the "
