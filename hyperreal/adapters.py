@@ -360,11 +360,9 @@ class _TriggerTokens:
             self.handle = pipe.text_encoder.get_input_embeddings().register_forward_hook(self._substitute)
 
     def _substitute(self, module, args, output):
-        ids = args[0]
+        # no "is the token there?" test first: on a GPU that would wait for the device at every encoding
         for tid, vec in self.ids.items():
-            hit = ids == tid
-            if hit.any():
-                output = torch.where(hit[..., None], vec.to(output.device, output.dtype), output)
+            output = torch.where((args[0] == tid)[..., None], vec.to(output.device, output.dtype), output)
         return output
 
 
