@@ -1,7 +1,7 @@
 """Try adapter training recipes on the star task, quickly (16 star prompts, 16 prompts without the trigger).
 
 Each argument is one variant as JSON: ``steps`` and ``lr`` (required), ``bs`` (batch, default 8), and any
-``adapters.TrainRequest`` field (``kind``, ``rank``, ``prior_weight``, ``train_text_encoder``, ``class_images`` …).
+``hyperreal.methods.adapters.TrainRequest`` field (``kind``, ``rank``, ``prior_weight``, ``train_text_encoder``, ``class_images`` …).
 ``--prompts N`` measures on N star prompts and N without the trigger (default 16; ``eval adapter`` uses 32).
 Prints one JSON line per variant: star rate, drift, accuracy without the trigger (and the base's), training seconds.
 Used to choose the defaults that ``python -m hyperreal eval adapter`` then measures on the full prompt sets.
@@ -17,11 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hyperreal import adapters as A  # noqa: E402
+from bench import star as S  # noqa: E402
 from hyperreal import training  # noqa: E402
 from hyperreal.loading import load_base  # noqa: E402
+from hyperreal.methods import adapters as A  # noqa: E402
+from hyperreal.pipelines import generate_images  # noqa: E402
 from hyperreal.shapes import evaluator  # noqa: E402
-from hyperreal.shapes.benchmark import generate_batch, held_out_prompts  # noqa: E402
+from hyperreal.shapes.benchmark import held_out_prompts  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -30,24 +32,24 @@ def main(argv: list[str]) -> int:
         n, argv = int(argv[1]), argv[2:]
     variants = [json.loads(v) for v in argv]
     work = Path(tempfile.mkdtemp(prefix="adapter-recipe-"))
-    data = A.star_dataset(work / "stars")
-    star_pairs = A.star_prompts(n)
+    data = S.star_dataset(work / "stars")
+    star_pairs = S.star_prompts(n)
     one, two = held_out_prompts(n - n // 2, n // 2)
     plain = one + two
     base = load_base("tiny")
     steps_g, guidance = base.defaults["steps"], base.defaults["guidance"]
-    base_plain = generate_batch(base.pipe, plain, steps_g, guidance)
+    base_plain = generate_images(base.pipe, plain, steps_g, guidance)
     base_acc = evaluator.accuracy(base_plain, [p for p, _ in plain])["colour_shape"]
     for i, v in enumerate(variants):
         shown = dict(v)
         base = load_base("tiny")  # a fresh base per variant
         steps, lr, bs = v.pop("steps"), v.pop("lr"), v.pop("bs", A.DEFAULT_BATCH)
-        n_class = v.pop("class_images", A.STAR_CLASS_IMAGES)
-        req = A.TrainRequest(data=str(data), class_prompts=A.shapes_class_prompts(n_class), class_images=n_class,
-                             repeats=v.pop("repeats", A.STAR_REPEATS), name="recipe",
-                             **{"trigger": A.STAR_TRIGGER, **v})
+        n_class = v.pop("class_images", S.STAR_CLASS_IMAGES)
+        req = A.TrainRequest(data=str(data), class_prompts=S.shapes_class_prompts(n_class), class_images=n_class,
+                             repeats=v.pop("repeats", S.STAR_REPEATS), name="recipe",
+                             **{"trigger": S.STAR_TRIGGER, **v})
         cfg = training.TrainConfig(steps=steps, batch_size=bs, lr=lr, log_every=steps)
-        r = A.star_trial(base, req, cfg, work / f"run{i}", star_pairs, plain, base_plain)
+        r = S.star_trial(base, req, cfg, work / f"run{i}", star_pairs, plain, base_plain)
         print(json.dumps({"variant": shown, "star": r["star_rate"], "drift": round(r["drift"], 2),
                           "acc": r["colour_shape_accuracy"], "base_acc": base_acc,
                           "train_seconds": round(r["train_seconds"])}), flush=True)

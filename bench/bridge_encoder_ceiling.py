@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hyperreal import bridge as B  # noqa: E402
+from bench.synonyms import DEV_COLOURS, DEV_SHAPES  # noqa: E402
+from hyperreal.methods.bridge import TextEncoder  # noqa: E402
+from hyperreal.shapes.phrasing import TRAIN_COLOURS, TRAIN_SHAPES  # noqa: E402
 
 
 def pooled(enc, texts: list[str]) -> list[torch.Tensor]:
@@ -80,11 +82,11 @@ def main() -> int:
     ap.add_argument("--colour-names", action="store_true", help="train the colour probe on named colours too")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    enc = B.TextEncoder(args.encoder)
+    enc = TextEncoder(args.encoder)
     out = {"encoder": args.encoder}
     best = {}
-    for kind, train, dev, tmpl in (("colour", B.TRAIN_COLOURS, B.DEV_COLOURS, "a {} thing"),
-                                   ("shape", B.TRAIN_SHAPES, B.DEV_SHAPES, "a {}")):
+    for kind, train, dev, tmpl in (("colour", TRAIN_COLOURS, DEV_COLOURS, "a {} thing"),
+                                   ("shape", TRAIN_SHAPES, DEV_SHAPES, "a {}")):
         classes = list(train)
         pairs = [(w, c) for c, syn in train.items() for w in (c,) + syn]
         dev_words = [w for syn in dev.values() for w in syn]

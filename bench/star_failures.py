@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hyperreal import adapters as A  # noqa: E402
+from bench.star import STAR_TRIGGER, star_prompts  # noqa: E402
 from hyperreal.loading import load_base  # noqa: E402
+from hyperreal.methods.adapters import job_adapters  # noqa: E402
 from hyperreal.shapes import evaluator  # noqa: E402
 from hyperreal.shapes.world import POSITION_PHRASE, parse_caption  # noqa: E402
 
@@ -27,8 +29,6 @@ def positioned(prompt: str) -> bool:
 
 
 def unet_layers(pipe):
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     return [m for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
 
 
@@ -55,7 +55,7 @@ def generate(base, pairs, unet_from: int | None):
 def report(label, images, pairs, each=False):
     rows = []
     for img, (prompt, seed) in zip(images, pairs):
-        s = evaluator.score(img, parse_caption(prompt.replace(f" {A.STAR_TRIGGER} ", " ")))
+        s = evaluator.score(img, parse_caption(prompt.replace(f" {STAR_TRIGGER} ", " ")))
         shapes = [o["shape"] for o in s.objects]
         rows.append((prompt, shapes == ["star"], len(shapes)))
         if each:
@@ -78,9 +78,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--each", action="store_true", help="print what the evaluator finds in every image")
     args = ap.parse_args(argv)
     base = load_base("tiny")
-    pairs = A.star_prompts(args.prompts)
+    pairs = star_prompts(args.prompts)
     report("base alone", generate(base, pairs, None), pairs)
-    with A.job_adapters(base.pipe, [{"path": args.adapter, "weight": 1.0}]):
+    with job_adapters(base.pipe, [{"path": args.adapter, "weight": 1.0}]):
         report("adapter", generate(base, pairs, 0), pairs, args.each)
         report("adapter's text encoder only", generate(base, pairs, None), pairs)
         for k in (4, 8, 12):

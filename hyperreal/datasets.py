@@ -8,6 +8,7 @@ A dataset is a folder (or a .zip of one) of images with captions from either
 from __future__ import annotations
 
 import json
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +46,6 @@ def load_examples(path: str | Path, workdir: str | Path | None = None) -> list[E
     """All (image, caption) pairs of a dataset folder or zip, with a clear error for each way it can be wrong."""
     p = Path(path)
     if p.is_file() and p.suffix.lower() == ".zip":
-        import tempfile
-
         p = _extract_zip(p, Path(workdir or tempfile.mkdtemp(prefix="hyperreal-data-")))
     if not p.is_dir():
         raise HyperrealError(f"dataset '{path}' is not a folder or a .zip")

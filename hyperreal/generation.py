@@ -5,19 +5,20 @@ import contextlib
 import json
 import os
 import re
+import tempfile
 import time
 import uuid
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
 from .errors import HyperrealError
 from .loading import BaseModel
+from .methods import JOB_KEYS
+from .pipelines import PipelineCall, seeded
 
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 200
@@ -33,7 +34,7 @@ class GenerationJob:
     guidance: float | None = None
     width: int | None = None
     height: int | None = None
-    # method keys, each checked and applied by its method's module (see METHOD_KEYS)
+    # method keys, each checked and applied by its method (methods.JOB_KEYS)
     adapters: list[dict] | None = None  # [{"path": FILE|DIR|NAME|ID, "weight": 1.0}]
     bridge: dict | None = None  # {"path": FILE|NAME, "scale": 1.0}
     controlnet: list[dict] | None = None  # [{"path": NAME|ID|DIR, "image": FILE, "scale": 1.0, "start": 0, "end": 1}]
@@ -72,9 +73,9 @@ def job_from_dict(d: dict, where: str = "job") -> GenerationJob:
         if isinstance(v, bool) or not isinstance(v, _TYPES[k]):
             want = {str: "a string", int: "an integer", list: "a list", dict: "an object"}.get(_TYPES[k], "a number")
             raise _bad(where, f"'{k}' must be {want}, got {json.dumps(v)}")
-    for key in METHOD_KEYS:
-        if d.get(key) is not None:
-            d = {**d, key: _method(key, 0)(d[key], where)}
+    for key in JOB_KEYS:
+        if d.get(key.name) is not None:
+            d = {**d, key.name: key.check(d[key.name], where)}
     job = GenerationJob(**{k: (float(v) if k == "guidance" and v is not None else v) for k, v in d.items()})
     validate(job, where)
     return job
@@ -122,7 +123,7 @@ def parameters_text(job: GenerationJob, model: str, sampler: str) -> str:
     lines = [job.prompt]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
-    methods = {k: getattr(job, k) for k in METHOD_KEYS if getattr(job, k)}
+    methods = {k.name: getattr(job, k.name) for k in JOB_KEYS if getattr(job, k.name)}
     # A1111 quotes a value holding commas; the JSON lets "send to form" restore every method's settings
     extra = f", Hyperreal: {json.dumps(json.dumps(methods))}" if methods else ""
     lines.append(f"Steps: {job.steps}, Sampler: {sampler}, CFG scale: {job.guidance:g}, Seed: {job.seed}, "
@@ -176,36 +177,6 @@ def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
     return path
 
 
-# --- methods --------------------------------------------------------------------------------------------
-
-# Each method adds one job key. Its module holds two functions:
-#   check(value, where) -> the value normalised, or HyperrealError saying what is wrong;
-#   apply(base, value, call) -> a context manager that changes ``call`` (pipeline and keyword arguments) for this
-#   job only and undoes everything on exit, so the shared pipeline is the plain base between jobs.
-# They apply in this order: adapters change weights, the bridge changes the text conditioning, and ControlNet
-# swaps in its pipeline around the (adapted) UNet.
-METHOD_KEYS = {
-    "adapters": ("hyperreal.adapters", "check_job_adapters", "apply_job_adapters"),
-    "bridge": ("hyperreal.bridge", "check_job_bridge", "apply_job_bridge"),
-    "controlnet": ("hyperreal.controlnet", "check_job_controlnet", "apply_job_controlnet"),
-}
-
-
-def _method(key: str, which: int):
-    import importlib
-
-    module, *funcs = METHOD_KEYS[key]
-    return getattr(importlib.import_module(module), funcs[which])
-
-
-@dataclass
-class PipelineCall:
-    """What one generation calls: a pipeline and its keyword arguments; methods edit both."""
-
-    pipe: object
-    kwargs: dict
-
-
 # --- running --------------------------------------------------------------------------------------------
 
 def sampler_name(pipe) -> str:
@@ -217,18 +188,15 @@ def run_job(base: BaseModel, job: GenerationJob) -> tuple[Image.Image, str]:
     job = job.resolved(base.defaults)
     pipe = base.pipe
     # the noise comes from a CPU generator so a seed gives the same image on any device
-    gen = torch.Generator(device="cpu").manual_seed(job.seed)
     call = PipelineCall(pipe, dict(prompt=job.prompt, negative_prompt=job.negative_prompt or None,
                                    num_inference_steps=job.steps, guidance_scale=job.guidance, width=job.width,
-                                   height=job.height, generator=gen, output_type="pil"))
+                                   height=job.height, generator=seeded([job.seed])[0], output_type="pil"))
     with base.lock, contextlib.ExitStack() as stack:
-        for key in METHOD_KEYS:
-            value = getattr(job, key)
-            # adapters also run with an empty list: it switches off whatever an earlier job left loaded
-            if value is not None or key == "adapters":
-                stack.enter_context(_method(key, 1)(base, value, call))
-        with torch.inference_mode():
-            image = call.pipe(**call.kwargs).images[0]
+        for key in JOB_KEYS:
+            value = getattr(job, key.name)
+            if value is not None or key.always:
+                stack.enter_context(key.apply(base, value, call))
+        image = call.run()[0]
     return image, parameters_text(job, base.name, sampler_name(pipe))
 
 

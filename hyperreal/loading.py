@@ -1,6 +1,9 @@
-"""Base-model loading: embedded names, hub ids and local diffusers folders, with errors a person can act on."""
+"""Base models: embedded names, hub ids and local diffusers folders, their per-base defaults, and errors a person
+can act on."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import threading
@@ -8,14 +11,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from diffusers.utils.peft_utils import recurse_remove_peft_layers
+from peft.tuners.tuners_utils import BaseTunerLayer
 
+from . import sources
 from .errors import HyperrealError
 from .registry import find_embedded
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BASE_ENV = "HYPERREAL_BASE"
-# what a base gets when its folder carries no hyperreal.json (SD1.5's own recommendations)
-HUB_DEFAULTS = {"steps": 30, "guidance": 7.5, "width": 512, "height": 512}
+# What a base gets when its folder carries no hyperreal.json: SD1.5's own recommendations and recipes. A base's
+# hyperreal.json overrides any of these keys (the tiny model's does); method code reads what differs per base here.
+HUB_DEFAULTS = {
+    "steps": 30, "guidance": 7.5, "width": 512, "height": 512,
+    "examples": ["a photo of an astronaut riding a horse on mars"],
+    "example_caption": "a photo of sks person",  # the Train panels' caption for images without one
+    "world": None,  # a procedural world the base was trained on (the tiny base: "shapes")
+    # groups of [prompt, seed] the base draws well and never trained on: prompts without a trigger whose drift
+    # an adapter is measured on (empty: the captions without the trigger)
+    "drift_prompts": [],
+    "bridge_encoder": "facebook/bart-base",  # width 768 = SD1.5's cross-attention width
+    "controlnets": ["lllyasviel/control_v11p_sd15_canny", "lllyasviel/control_v11p_sd15_openpose"],
+    # the ControlNet Train panel's starting values: the paper's lr 1e-5 on SD1.5
+    "controlnet_train": {"steps": 1000, "batch_size": 4, "lr": 1e-5, "sample_every": 200},
+}
 
 
 def pick_device() -> tuple[str, torch.dtype]:
@@ -52,67 +73,71 @@ class BaseModel:
         return self.pipe.device
 
 
-def _explain(name: str, err: Exception) -> str:
-    text = f"{type(err).__name__}: {err}".strip()
-    low = text.lower()
-    offline = ("cached locally", "outgoing traffic", "offline", "connect", "resolve", "network", "timed out",
-               "localentrynotfound")
-    if "gated" in low or "401" in low or "403" in low:
-        cause, fix = "the repository is gated or private", "accept its licence on the hub and log in (`hf auth login`)"
-    elif any(k in low for k in offline):
-        cause = "it is not in the local Hugging Face cache and the hub cannot be reached (or the id is misspelt)"
-        fix = "check the id, connect to the internet once to download it, or pass a local diffusers folder"
-    elif "not found" in low or "404" in low or "repositorynotfound" in low or "repo id" in low or "hfvalidation" in low:
-        cause, fix = "no such model on the hub", "check the spelling of the id"
-    elif "safetensors" in low:
-        cause, fix = ("it has no safetensors weights (hyperreal never loads pickled .bin/.ckpt files)",
-                      "use a repository or folder with .safetensors weights")
-    else:
-        cause, fix = text.splitlines()[0][:300], "check that it is a Stable Diffusion 1.x model in the diffusers layout"
-    return (f"Could not load base model '{name}': {cause}. Fix: {fix}, or use the embedded model with `--base tiny`"
-            " (or a local diffusers folder containing model_index.json).")
+def base_defaults(folder: str | Path | None) -> dict:
+    """:data:`HUB_DEFAULTS` with what the base's own ``hyperreal.json`` says instead."""
+    defaults = copy.deepcopy(HUB_DEFAULTS)
+    meta = Path(folder) / "hyperreal.json" if folder else None
+    if meta is not None and meta.is_file():
+        defaults.update({k: v for k, v in json.loads(meta.read_text()).items() if k in HUB_DEFAULTS})
+    return defaults
+
+
+def _base_source(name: str) -> str:
+    """The folder (embedded or local) or hub id a base loads from."""
+    art = find_embedded(name, "base")
+    path = art.path if art is not None else Path(name).expanduser()
+    if not path.is_dir():
+        if path.suffix in {".safetensors", ".ckpt"} or name.startswith((".", "/", "~")):
+            raise HyperrealError(
+                f"Could not load base model '{name}': no such folder. Single-file checkpoints are not supported; "
+                "pass a diffusers folder, a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5, or `--base tiny`.")
+        return name  # a hub id: whatever from_pretrained makes of it, explained if it fails
+    if not (path / "model_index.json").is_file():
+        raise HyperrealError(
+            f"Could not load base model '{name}': the folder has no model_index.json, so it is not a diffusers "
+            "pipeline folder. Fix: point --base at the folder that holds model_index.json (saved with "
+            "`save_pretrained`), a hub id, or use `--base tiny`.")
+    return str(path)
 
 
 def load_base(base: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> BaseModel:
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import logging as dlog
-
     name = resolve_base(base)
     dev, dt = pick_device()
     device, dtype = device or dev, dtype or dt
-    art = find_embedded(name, "base")
-    path = Path(name).expanduser()
-    if art is not None:
-        source = str(art.path)
-    elif path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise HyperrealError(
-                f"Could not load base model '{name}': the folder has no model_index.json, so it is not a diffusers "
-                "pipeline folder. Fix: point --base at the folder that holds model_index.json (saved with "
-                "`save_pretrained`), a hub id, or use `--base tiny`.")
-        source = str(path)
-    elif path.suffix in {".safetensors", ".ckpt"} or name.startswith((".", "/", "~")):
-        raise HyperrealError(
-            f"Could not load base model '{name}': no such folder. Single-file checkpoints are not supported; pass a "
-            "diffusers folder, a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5, or `--base tiny`.")
-    else:
-        source = name
-    verbosity = dlog.get_verbosity()
-    dlog.set_verbosity_error()
+    source = _base_source(name)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=True)
-    except HyperrealError:
-        raise
     except Exception as err:  # every loading failure becomes one actionable sentence
-        raise HyperrealError(_explain(name, err)) from err
+        cause, fix = sources.load_error("base model", name, err)
+        fix = fix or "check that it is a Stable Diffusion 1.x model in the diffusers layout"
+        raise HyperrealError(f"Could not load base model '{name}': {cause}. Fix: {fix}, or use the embedded model "
+                             "with `--base tiny` (or a local diffusers folder containing model_index.json).") from err
     finally:
-        dlog.set_verbosity(verbosity)
+        diffusers_logging.set_verbosity(verbosity)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False).eval()
-    defaults = dict(HUB_DEFAULTS)
-    meta = Path(source) / "hyperreal.json"
-    if meta.is_file():
-        defaults.update({k: v for k, v in json.loads(meta.read_text()).items() if k in HUB_DEFAULTS})
-    return BaseModel(name=name, source=source, pipe=pipe, defaults=defaults)
+    local = Path(source).is_dir()
+    return BaseModel(name=name, source=source, pipe=pipe, defaults=base_defaults(source if local else None))
+
+
+def plain(model):
+    """``model`` without PEFT wrappers: itself when it has none, else a copy holding only the base weights.
+
+    The shared base keeps loaded adapters (switched off) for reuse between jobs; code that copies the base
+    (``ControlNetModel.from_unet``, full fine-tuning) must copy the frozen weights alone, not the wrappers.
+    """
+    if not any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        return model
+    clone = copy.deepcopy(model)
+    for m in clone.modules():
+        if isinstance(m, BaseTunerLayer) and m.merged:
+            m.unmerge()
+    recurse_remove_peft_layers(clone)
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        with contextlib.suppress(AttributeError):
+            delattr(clone, attr)
+    return clone

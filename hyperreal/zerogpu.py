@@ -17,7 +17,7 @@ CHUNK_SECONDS = int(os.environ.get("HYPERREAL_ZEROGPU_CHUNK", "45"))  # ZeroGPU'
 
 def spaces_module():
     """The ``spaces`` package when present (it is on Spaces; it is not a dependency here)."""
-    try:
+    try:  # optional: only Hugging Face Spaces has it
         import spaces
     except ImportError:
         return None
@@ -49,13 +49,13 @@ class _Deadline(CancelToken):
 
 
 def train_in_chunks(learner, cfg: TrainConfig, out, on_event=None, cancel: CancelToken | None = None,
-                    chunk_seconds: float | None = None) -> list:
+                    resume: bool = False, chunk_seconds: float | None = None) -> list:
     """``training.train`` on ZeroGPU (chunks resuming from checkpoints); a plain call when not on Spaces."""
     spaces = spaces_module()
     cancel = cancel or CancelToken()
     emit = on_event or (lambda e: None)
     if spaces is None:
-        return train(learner, cfg, out, on_event=emit, cancel=cancel)
+        return train(learner, cfg, out, on_event=emit, cancel=cancel, resume=resume)
     seconds = chunk_seconds or CHUNK_SECONDS
 
     started = []
@@ -73,7 +73,7 @@ def train_in_chunks(learner, cfg: TrainConfig, out, on_event=None, cancel: Cance
 
     paths, first = [], True
     while True:
-        paths = chunk(resume=not first)
+        paths = chunk(resume=resume or not first)
         first = False
         ck = latest_checkpoint(out)
         done = ck is not None and int(ck.name.split("-")[1]) >= cfg.steps

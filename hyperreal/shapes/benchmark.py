@@ -1,11 +1,10 @@
-"""Held-out prompt sets and the base model's accuracy measurement (shared by the CLI and the training script)."""
+"""Held-out prompt sets and the base model's accuracy measurement (``eval base`` and the tiny model's training)."""
 from __future__ import annotations
 
 import random
 import time
 
-import torch
-
+from ..pipelines import generate_images
 from . import evaluator
 from .world import all_captions, is_held_out
 
@@ -24,27 +23,13 @@ def held_out_prompts(n_one: int = 64, n_two: int = 64) -> tuple[list[tuple[str, 
     return pairs_one, pairs_two
 
 
-@torch.no_grad()
-def generate_batch(pipe, pairs: list[tuple[str, int]], steps: int, guidance: float, batch: int = 16,
-                   negative_prompt: str | None = None):
-    images = []
-    for i in range(0, len(pairs), batch):
-        chunk = pairs[i:i + batch]
-        gens = [torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]
-        out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                   negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-                   output_type="pil")
-        images.extend(out.images)
-    return images
-
-
 def time_one_image(pipe, steps: int = 20, guidance: float = 7.5, repeats: int = 3) -> float:
     """Best-of wall time for one 64x64 image (after a warm-up run)."""
-    generate_batch(pipe, [("a red circle", 0)], steps, guidance)
+    generate_images(pipe, [("a red circle", 0)], steps, guidance)
     best = float("inf")
     for r in range(repeats):
         t0 = time.perf_counter()
-        generate_batch(pipe, [("a blue square on the left", r)], steps, guidance)
+        generate_images(pipe, [("a blue square on the left", r)], steps, guidance)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -53,6 +38,6 @@ def evaluate_base(pipe, steps: int = 20, guidance: float = 7.5, n_one: int = 64,
     one, two = held_out_prompts(n_one, n_two)
     res = {"steps": steps, "guidance": guidance}
     for name, pairs in (("one_object", one), ("two_objects", two)):
-        imgs = generate_batch(pipe, pairs, steps, guidance)
+        imgs = generate_images(pipe, pairs, steps, guidance)
         res[name] = evaluator.accuracy(imgs, [p for p, _ in pairs])
     return res

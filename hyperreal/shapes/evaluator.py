@@ -7,6 +7,7 @@ connected components, each component gets its majority colour, a shape from rota
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from itertools import permutations
 
 import cv2
 import numpy as np
@@ -100,8 +101,6 @@ class Score:
 
 def _match(expected: list[SceneObject], found: list[DetectedObject], use_position: bool) -> bool:
     """Each expected object matched to a distinct detection (tiny sets: try every assignment)."""
-    from itertools import permutations
-
     if len(found) < len(expected):
         return False
     for perm in permutations(range(len(found)), len(expected)):

@@ -5,7 +5,7 @@ from typing import Callable
 
 import gradio as gr
 
-from ..adapters import DEFAULT_BATCH, DEFAULT_PRIOR_WEIGHT, DEFAULT_RANK, DEFAULT_STEPS, KIND_DEFAULTS
+from ..methods.adapters import DEFAULT_BATCH, DEFAULT_PRIOR_WEIGHT, DEFAULT_RANK, DEFAULT_STEPS, KIND_DEFAULTS
 from .train_panel import build_train_panel
 
 # prior preservation is on by default here: keeping the base's knowledge is the point of an adapter

@@ -10,28 +10,21 @@ import gradio as gr
 from ..errors import HyperrealError
 from ..generation import GenerationJob, generate_to_folder, job_from_dict, parse_parameters
 from ..loading import BaseModel
+from ..methods.bridge import MODE_DEFAULTS as BRIDGE_DEFAULTS
 from ..settings import Settings
+from ..zerogpu import on_gpu
+from .actions import (adapter_trainer, bridge_trainer, condition_map, controlnet_job, controlnet_trainer,
+                      sketch_image)
 from .adapters_tab import SLOTS as ADAPTER_SLOTS
 from .adapters_tab import adapters_from_inputs, build_adapters_tab
-from .generate_tab import build_generate_tab
-from ..zerogpu import on_gpu
-from ..bridge import MODE_DEFAULTS as BRIDGE_DEFAULTS
 from .bridge_tab import bridge_train_knobs, build_bridge_tab
 from .controlnet_tab import build_controlnet_tab, controlnet_train_knobs, units_from_inputs
-from .services import (Library, adapter_trainer, bridge_trainer, condition_map, controlnet_job, controlnet_trainer,
-                       save_map, sketch_image)
+from .generate_tab import build_generate_tab
+from .library import Library, save_map
 
 INTRO = """# hyperreal
 Adapt a **frozen** text-to-image model without touching it. Base model: `{name}` — its weights never change here.
 """
-# the ControlNet Train panel's starting values: on tiny, tiny-canny's learning rate with fewer steps; on SD1.5
-# the paper's 1e-5
-CONTROLNET_DEFAULTS = {"tiny": {"steps": 500, "batch_size": 16, "lr": 3e-4, "sample_every": 100},
-                       "sd": {"steps": 1000, "batch_size": 4, "lr": 1e-5, "sample_every": 200}}
-SD15_CONTROLNETS = ["lllyasviel/control_v11p_sd15_canny", "lllyasviel/control_v11p_sd15_openpose"]
-TINY_EXAMPLES = ["a red circle", "a blue square on the left",
-                 "a green triangle at the top and a yellow circle at the bottom",
-                 "an orange square on the left and a purple circle on the right"]
 
 
 def user_errors(fn):
@@ -87,9 +80,8 @@ def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
             out += [bool(it), it["path"] if it else "", it["weight"] if it else 1.0]
         return out
 
-    def controlnet_choices():
-        hub = [] if base.name == "tiny" else [(f"{h} (hub)", h) for h in SD15_CONTROLNETS]
-        return library.choices("controlnet") + hub
+    def controlnet_choices():  # the base's own hub ControlNets (its defaults) after the library's
+        return library.choices("controlnet") + [(f"{h} (hub)", h) for h in base.defaults["controlnets"]]
 
     def controlnet_to_job(values, width, height):
         guess, units = units_from_inputs(values)
@@ -113,8 +105,7 @@ def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
         res = condition_map(source, image, sketch, low, high, resize, int(width), int(height))
         return res.image, f"*{res.note}* (`{res.extractor}`)", save_map(settings, res.image)
 
-    examples = TINY_EXAMPLES if base.name == "tiny" else ["a photo of an astronaut riding a horse on mars"]
-    caption = "a sks star" if base.name == "tiny" else "a photo of sks person"
+    examples, caption = base.defaults["examples"], base.defaults["example_caption"]
     with gr.Blocks(title="hyperreal") as demo:
         gr.Markdown(INTRO.format(name=base.name))
         with gr.Tabs():
@@ -122,12 +113,12 @@ def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
             ad = build_adapters_tab(lambda: library.choices("adapter"), adapter_trainer(base, library),
                                     caption)
             methods.append(MethodInputs("adapters", ad["inputs"], adapters_job, adapters_restore))
-            cn_defaults = CONTROLNET_DEFAULTS["tiny" if base.name == "tiny" else "sd"]
             cn = build_controlnet_tab(controlnet_choices, preview, controlnet_trainer(base, library),
-                                      lambda: controlnet_train_knobs(cn_defaults), caption)
+                                      lambda: controlnet_train_knobs(base.defaults["controlnet_train"]), caption)
             methods.append(MethodInputs("controlnet", cn["inputs"], controlnet_to_job, keep(len(cn["inputs"]))))
             br = build_bridge_tab(lambda: library.choices("bridge"), bridge_trainer(base, library),
-                                  lambda: bridge_train_knobs(BRIDGE_DEFAULTS, base.name == "tiny"), caption)
+                                  lambda: bridge_train_knobs(BRIDGE_DEFAULTS, base.defaults["world"] == "shapes"),
+                                  caption)
             methods.append(MethodInputs("bridge", br["inputs"], bridge_to_job, bridge_restore))
         cn["wire_preview"](gen_tab["width"], gen_tab["height"])
         gen_tab["connect"]([c for m in methods for c in m.components],

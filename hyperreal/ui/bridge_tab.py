@@ -5,6 +5,8 @@ from typing import Callable
 
 import gradio as gr
 
+from .train_panel import build_train_panel
+
 WHAT = """**Frozen:** the whole base model *and* the extra encoder (BART on SD1.5; MiniLM on the tiny base).
 **Learns:** only the joint — in **fuse** mode new key/value projections in every cross-attention layer (copies
 of the layer's own) behind gates that start at 0; in **swap** mode a small bridge that maps the extra encoder's
@@ -14,8 +16,6 @@ encoder brings the words and phrasings the base never learned."""
 
 def build_bridge_tab(choices: Callable[[], list], start_training: Callable | None,
                      train_knobs: Callable[[], dict] | None, default_caption: str) -> dict:
-    from .train_panel import build_train_panel
-
     with gr.Tab("Encoder bridge", id="bridge"):
         gr.Markdown(WHAT)
         with gr.Group():

@@ -5,6 +5,8 @@ from typing import Callable
 
 import gradio as gr
 
+from .train_panel import build_train_panel
+
 UNITS = 2
 WHAT = """**Frozen:** the whole base model. **Learns:** a trainable copy of the UNet's encoder joined to the frozen
 UNet by convolutions initialised to zero — so a new ControlNet adds exactly nothing and the output is the base's
@@ -22,8 +24,6 @@ HELP = """Each unit conditions Generate on one map: **weight** 0–2 is how stro
 def build_controlnet_tab(choices: Callable[[], list], preview: Callable, start_training: Callable | None,
                          train_knobs: Callable[[], dict] | None, default_caption: str) -> dict:
     """``preview(source, image, sketch, low, high, resize, width, height) -> (map, note, map file)``."""
-    from .train_panel import build_train_panel
-
     units = []
     with gr.Tab("ControlNet", id="controlnet"):
         gr.Markdown(WHAT)

@@ -16,6 +16,7 @@ from typing import Callable
 
 import gradio as gr
 import pandas as pd
+from PIL import Image
 
 from ..datasets import IMAGE_SUFFIXES, load_examples, write_examples
 from ..errors import HyperrealError
@@ -77,8 +78,6 @@ def table_rows(table) -> pd.DataFrame:
 
 def dataset_from_table(table, workdir: Path) -> Path:
     """The captions as edited in the table, written as an imagefolder the trainers read."""
-    from PIL import Image
-
     df = table_rows(table)
     if df.empty:
         raise HyperrealError("Add training images first (upload them above).")

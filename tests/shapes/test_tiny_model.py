@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from hyperreal.registry import find_embedded
+from hyperreal.pipelines import generate_images
 from hyperreal.shapes import benchmark, evaluator
 from hyperreal.shapes.tiny_model import build_tokenizer, vocabulary
 
@@ -21,7 +22,7 @@ def test_embedded_tiny_is_small_and_documented():
     assert size <= 25e6
     assert not list(art.path.rglob("*.bin")) and not list(art.path.rglob("*.pt"))
     record = json.loads((art.path / "training_record.json").read_text())
-    assert "python -m hyperreal.shapes.train_tiny" in record["command"]
+    assert "python -m bench.train_tiny" in record["command"]
     card = (art.path / "README.md").read_text()
     assert "colour+shape" in card
 
@@ -32,8 +33,8 @@ def test_save_load_round_trip(tiny, tmp_path):
     tiny.pipe.save_pretrained(tmp_path, safe_serialization=True)
     again = StableDiffusionPipeline.from_pretrained(tmp_path, use_safetensors=True)
     again.set_progress_bar_config(disable=True)
-    a = benchmark.generate_batch(tiny.pipe, [("a red circle on the left", 7)], 10, 5.0)[0]
-    b = benchmark.generate_batch(again, [("a red circle on the left", 7)], 10, 5.0)[0]
+    a = generate_images(tiny.pipe, [("a red circle on the left", 7)], 10, 5.0)[0]
+    b = generate_images(again, [("a red circle on the left", 7)], 10, 5.0)[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
     for name in ("unet", "vae", "text_encoder"):
         sa, sb = getattr(tiny.pipe, name).state_dict(), getattr(again, name).state_dict()
@@ -43,5 +44,5 @@ def test_save_load_round_trip(tiny, tmp_path):
 def test_tiny_draws_what_it_is_asked(tiny):
     """A quick quality floor (the full measurement is `python -m hyperreal eval base`)."""
     one, _ = benchmark.held_out_prompts(16, 0)
-    imgs = benchmark.generate_batch(tiny.pipe, one, tiny.defaults["steps"], tiny.defaults["guidance"])
+    imgs = generate_images(tiny.pipe, one, tiny.defaults["steps"], tiny.defaults["guidance"])
     assert evaluator.accuracy(imgs, [p for p, _ in one])["colour_shape"] >= 0.7

@@ -88,7 +88,7 @@ def adapter_knobs(steps, **over):
 
 @pytest.fixture(scope="module")
 def star_files(tmp_path_factory):
-    from hyperreal.adapters import star_dataset
+    from bench.star import star_dataset
 
     folder = star_dataset(tmp_path_factory.mktemp("stars"), n=4)
     return sorted(folder.glob("*.png"))

@@ -1,0 +1,155 @@
+"""The adapter benchmark: teach the tiny base the reserved shape "star" (``python -m hyperreal eval adapter``).
+
+Eight rendered stars of cycling colours, captioned "a <colour> sks star", class images from the base, then held-out
+star prompts and seeds, and prompts without the trigger (drift and colour+shape accuracy against the base's).
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from hyperreal import training
+from hyperreal.datasets import write_examples
+from hyperreal.loading import load_base
+from hyperreal.methods.adapters import DEFAULT_BATCH, DEFAULT_STEPS, KIND_DEFAULTS, TrainRequest, drift, make_learner
+from hyperreal.pipelines import generate_images
+from hyperreal.shapes import evaluator
+from hyperreal.shapes.benchmark import held_out_prompts
+from hyperreal.shapes.world import (COLOURS, POSITION_PHRASE, SceneObject, all_captions, is_held_out, layout,
+                                    parse_caption, render)
+
+# the star benchmark's prior preservation: class images, and instance repeats that balance them per epoch
+STAR_CLASS_IMAGES, STAR_REPEATS = 64, 8
+STAR_TRIGGER = "sks"
+STAR_SEED = 777
+
+
+def star_dataset(folder: str | Path, n: int = 8, seed: int = STAR_SEED) -> Path:
+    """``n`` rendered stars of cycling colours captioned "a <colour> sks star" (the base never saw a star)."""
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        colour = COLOURS[i % len(COLOURS)]
+        items.append((render(layout([SceneObject(colour, "star", None)], rng)), f"a {colour} {STAR_TRIGGER} star"))
+    return write_examples(folder, items, prefix="star")
+
+
+def star_prompts(n: int = 32, seed: int = STAR_SEED) -> list[tuple[str, int]]:
+    """Held-out (prompt, seed) pairs: every colour, with and without a position, on seeds never trained on."""
+    rng = random.Random(seed + 1)
+    texts = [f"a {c} {STAR_TRIGGER} star" + (f" {POSITION_PHRASE[p]}" if p else "")
+             for c in COLOURS for p in (None,) + tuple(POSITION_PHRASE)]
+    rng.shuffle(texts)
+    # unpositioned prompts first so that every colour's training prompt is among them
+    texts.sort(key=lambda t: " on " in t or " at " in t or " in " in t)
+    return [(texts[i % len(texts)], 50_000 + i) for i in range(n)]
+
+
+def star_scores(images, pairs) -> dict:
+    star, colour_star = 0, 0
+    for img, (prompt, _) in zip(images, pairs):
+        expected = parse_caption(prompt.replace(f" {STAR_TRIGGER} ", " "))
+        s = evaluator.score(img, expected)
+        # one star and nothing else: an adapter that breaks images into fragments makes "stars" by accident
+        # (thin pieces have a star's low solidity), so a star among several objects does not count
+        one_star = s.count and s.objects[0]["shape"] == "star"
+        star += one_star
+        colour_star += one_star and s.colour_shape
+    n = max(len(pairs), 1)
+    return {"star_rate": star / n, "star_colour_rate": colour_star / n}
+
+
+def shapes_class_prompts(n: int = 64, seed: int = STAR_SEED) -> list[str]:
+    """Prior-preservation prompts for the shapes world: captions the base was trained on (never held-out ones),
+    half with one object like the instance captions, half with two.
+
+    Drawn from all captions, nearly all would have two objects (there are far more pairs than singles), and the
+    one-object prompts nearest the trigger's would be the ones left unguarded.
+    """
+    rng = random.Random(seed)
+    out = []
+    for count, share in ((1, n - n // 2), (2, n // 2)):
+        texts = [c for c in all_captions(n_objects=count) if not is_held_out(c)]
+        rng.shuffle(texts)
+        out += texts[:share]
+    rng.shuffle(out)
+    return out
+
+
+def star_trial(base, req: TrainRequest, cfg, out: str | Path, star_pairs, plain_pairs, base_plain,
+               on_event=None) -> dict:
+    """One training run on the star task, measured: star rate on ``star_pairs``; drift from ``base_plain`` and
+    colour+shape accuracy on ``plain_pairs`` (prompts without the trigger); times; the file written. Used by
+    ``star_benchmark`` and ``bench/adapter_recipe.py``."""
+    out = Path(out)
+    gen_steps, guidance = base.defaults["steps"], base.defaults["guidance"]
+    t0 = time.time()
+    learner = make_learner(base, req, out, info={"steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size})
+    t_data = time.time() - t0
+    t0 = time.time()
+    paths = training.train(learner, cfg, out, on_event=on_event)
+    t_train = time.time() - t0
+    star = star_scores(generate_images(learner.sample_pipe, star_pairs, gen_steps, guidance), star_pairs)
+    d = drift(learner, plain_pairs, gen_steps, guidance, base_images=base_plain)
+    acc = evaluator.accuracy(d["images"], [p for p, _ in plain_pairs])["colour_shape"]
+    return {"lr": cfg.lr, "trained_parameters": learner.trained_parameter_count(),
+            "scale": learner.spec.scale if req.kind != "full" else None,
+            "star_rate": star["star_rate"], "star_colour_rate": star["star_colour_rate"],
+            "drift": round(d["drift"], 3), "colour_shape_accuracy": acc,
+            "train_seconds": round(t_train, 1), "data_seconds": round(t_data, 1),
+            "file": str(paths[0]), "file_mb": round(paths[0].stat().st_size / 1e6, 3)}
+
+
+def star_benchmark(kinds: list[str], work: str | Path, steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH,
+                   class_images: int = STAR_CLASS_IMAGES, repeats: int = STAR_REPEATS, n_prompts: int = 32,
+                   base_name: str = "tiny",
+                   log=print) -> dict:
+    """Teach the reserved shape: each kind (and ``full``) trains on the same 8 star images, class images and
+    step budget, then is measured on held-out star prompts and on prompts without the trigger (drift, accuracy).
+    """
+    work = Path(work)
+    data = star_dataset(work / "stars")
+    star_pairs = star_prompts(n_prompts)
+    one, two = held_out_prompts(n_prompts - n_prompts // 2, n_prompts // 2)
+    plain_pairs = one + two
+    base = load_base(base_name)
+    gen_steps, guidance = base.defaults["steps"], base.defaults["guidance"]
+    base_plain = generate_images(base.pipe, plain_pairs, gen_steps, guidance)
+    base_star = star_scores(generate_images(base.pipe, star_pairs, gen_steps, guidance), star_pairs)
+    base_acc = evaluator.accuracy(base_plain, [p for p, _ in plain_pairs])["colour_shape"]
+    figures = {"base": base_name, "steps": steps, "batch_size": batch_size, "images": 8, "class_images": class_images,
+               "repeats": repeats, "star_prompts": n_prompts, "plain_prompts": len(plain_pairs),
+               "torch_threads": torch.get_num_threads(),
+               "base_figures": {"star_rate": base_star["star_rate"], "colour_shape_accuracy": base_acc},
+               "kinds": {}}
+    log(f"base '{base_name}': star rate {100 * base_star['star_rate']:.1f}%, colour+shape accuracy on "
+        f"{len(plain_pairs)} prompts without the trigger {100 * base_acc:.1f}%")
+    for kind in kinds:
+        req = TrainRequest(data=str(data), kind=kind, trigger=STAR_TRIGGER,
+                           class_prompts=shapes_class_prompts(class_images), class_images=class_images,
+                           repeats=repeats, name=f"star_{kind}")
+        cfg = training.TrainConfig(steps=steps, batch_size=batch_size, lr=KIND_DEFAULTS[kind]["lr"],
+                                   log_every=max(steps // 4, 1))
+        # a fresh base per kind: nothing carries over between runs
+        row = star_trial(load_base(base_name), req, cfg, work / kind, star_pairs, plain_pairs, base_plain,
+                         on_event=lambda e, kind=kind: e.kind == "step" and log(
+                             f"  {kind} step {e.step}/{e.total} loss {e.loss:.4f}"))
+        row["accuracy_change_points"] = round(100 * (row["colour_shape_accuracy"] - base_acc), 1)
+        figures["kinds"][kind] = row
+        log(f"{kind}: star rate {100 * row['star_rate']:.1f}% (colour too {100 * row['star_colour_rate']:.1f}%), "
+            f"drift {row['drift']:.2f}, accuracy {100 * row['colour_shape_accuracy']:.1f}% "
+            f"({row['accuracy_change_points']:+.1f} points), trained in {row['train_seconds']:.0f}s")
+    full = figures["kinds"].get("full")
+    for kind, row in figures["kinds"].items():
+        if kind == "full":
+            continue
+        row["targets_met"] = {
+            "star_rate>=0.8": row["star_rate"] >= 0.8,
+            "drift<=full/3": None if full is None else row["drift"] <= full["drift"] / 3,
+            "accuracy_within_5_points": row["accuracy_change_points"] >= -5.0,
+            "train_seconds<=600": row["train_seconds"] <= 600,
+        }
+    return figures

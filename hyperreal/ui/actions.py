@@ -1,0 +1,165 @@
+"""What the tabs' buttons do: turn a panel's knobs into a method's request and hand it to :mod:`hyperreal.services`,
+make a ControlNet unit's map, and turn switched-on units into a job's ``controlnet`` list.
+
+Tabs get these as plain callables; nothing here touches a model or a learner. Trained artifacts land under
+``OUTPUTS/trained/<method>/<run>/`` and are selectable in Generate as soon as a run ends.
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from .. import services
+from ..errors import HyperrealError
+from ..loading import BaseModel
+from ..methods import adapters, bridge, controlnet
+from ..training import TrainConfig
+from ..zerogpu import train_in_chunks
+from .library import Library
+
+
+def loop_config(knobs: dict, lr: float) -> TrainConfig:
+    """The shared loop's settings from a Train panel's knobs (steps, batch size, samples every N steps)."""
+    steps = int(knobs["steps"])
+    cfg = TrainConfig(steps=steps, batch_size=int(knobs["batch_size"]), lr=float(lr),
+                      validate_every=int(knobs.get("sample_every") or 0), log_every=max(1, min(10, steps)))
+    cfg.check()
+    return cfg
+
+
+def _name(knobs: dict, default: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", knobs.get("name") or default).strip("_") or default
+
+
+def adapter_trainer(base: BaseModel, library: Library):
+    """``start(data_dir, knobs, on_event, cancel) -> artifacts`` for the Adapters tab's Train panel."""
+
+    def start(data: Path, knobs: dict, on_event, cancel) -> list[Path]:
+        kind = knobs["kind"]
+        req = adapters.TrainRequest(
+            data=str(data), kind=kind, rank=int(knobs["rank"]), alpha=knobs.get("alpha") or None,
+            preset=knobs["preset"], placement=knobs["placement"], rslora=bool(knobs.get("rslora")),
+            train_text_encoder={"on": True, "off": False}.get(knobs.get("train_text_encoder") or "auto"),
+            text_encoder_lr=knobs.get("text_encoder_lr") or None, trigger=(knobs.get("trigger") or "").strip() or None,
+            trigger_token=bool(knobs.get("trigger_token", True)),
+            class_prompts=[p.strip() for p in (knobs.get("class_prompt") or "").split("|") if p.strip()],
+            class_images=int(knobs.get("class_images") or 0), repeats=int(knobs.get("repeats") or 0) or None,
+            prior_weight=adapters.DEFAULT_PRIOR_WEIGHT if knobs.get("prior_weight") is None
+            else float(knobs["prior_weight"]),
+            flip=bool(knobs.get("flip")), caption_dropout=float(knobs.get("caption_dropout") or 0.0),
+            name=knobs.get("name") or f"{kind}_adapter")
+        services.check_adapter_request(req)
+        cfg = loop_config(knobs, knobs.get("lr") or adapters.KIND_DEFAULTS[kind]["lr"])
+        report = services.train_adapter(base, req, cfg, library.folder("adapter", req.name), on_event=on_event,
+                                        cancel=cancel, drift_samples=4, runner=train_in_chunks)
+        if report.paths and kind != "full":
+            library.add("adapter", f"{req.name} ({kind}, {time.strftime('%H:%M')})", report.paths[0])
+        return report.paths
+
+    return start
+
+
+def controlnet_trainer(base: BaseModel, library: Library):
+    """``start(data_dir, knobs, on_event, cancel)`` for the ControlNet tab's Train panel."""
+
+    def start(data: Path, knobs: dict, on_event, cancel) -> list[Path]:
+        name = _name(knobs, "controlnet")
+        req = controlnet.TrainRequest(data=str(data), extractor=knobs["extractor"],
+                                      canny_low=int(knobs["canny_low"]), canny_high=int(knobs["canny_high"]),
+                                      caption_dropout=float(knobs["caption_dropout"]),
+                                      gradient_checkpointing=bool(knobs.get("gradient_checkpointing")), name=name)
+        req.check()
+        cfg = loop_config(knobs, knobs["lr"])
+        report = services.train_controlnet(base, req, cfg, library.folder("controlnet", name), on_event=on_event,
+                                           cancel=cancel, runner=train_in_chunks)
+        folder = next((p for p in report.paths if p.is_dir()), None)
+        if folder is not None:
+            library.add("controlnet", f"{name} ({req.extractor}, {time.strftime('%H:%M')})", folder)
+        # the panel offers files for download: the single file, and the diffusers folder's weights and config
+        files = [p for p in report.paths if p.is_file()]
+        if folder is not None:
+            files += sorted(p for p in folder.iterdir() if p.is_file())
+        return files
+
+    return start
+
+
+def bridge_trainer(base: BaseModel, library: Library):
+    """``start(data_dir or None, knobs, on_event, cancel)`` for the Encoder bridge tab's Train panel."""
+
+    def start(data: Path | None, knobs: dict, on_event, cancel) -> list[Path]:
+        name = _name(knobs, "bridge")
+        source = knobs.get("data_source") or "uploaded"
+        if source == "shapes":
+            where = "shapes"
+        elif source == "captions":
+            lines = [line.strip() for line in (knobs.get("captions") or "").splitlines() if line.strip()]
+            if not lines:
+                raise HyperrealError("Type some captions (one per line), or choose another data source.")
+            where = library.folder("bridge", name + "-captions").with_suffix(".txt")
+            where.parent.mkdir(parents=True, exist_ok=True)
+            where.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        else:
+            if data is None:
+                raise HyperrealError("Upload captioned images above, or choose typed captions / the shapes world.")
+            where = data
+        mode = knobs["mode"]
+        req = bridge.TrainRequest(data=str(where), mode=mode, encoder=(knobs.get("encoder") or "").strip() or None,
+                                  lora_rank=int(knobs.get("lora_rank") or 0),
+                                  diffusion_steps=int(knobs.get("diffusion_steps") or 0) if mode == "swap" else 0,
+                                  name=name)
+        req.check()
+        cfg = loop_config(knobs, knobs["lr"])
+        report = services.train_bridge(base, req, cfg, library.folder("bridge", name), on_event=on_event,
+                                       cancel=cancel)
+        if report.paths:
+            library.add("bridge", f"{name} ({mode}, {time.strftime('%H:%M')})", report.paths[0])
+        return report.paths
+
+    return start
+
+
+# --- ControlNet units ---------------------------------------------------------------------------------------------
+
+def sketch_image(sketch):
+    """A Sketchpad value (Gradio's editor dict, or an image) as one RGB image; None when nothing was drawn."""
+    if isinstance(sketch, dict):
+        sketch = sketch.get("composite")
+    if sketch is None:
+        return None
+    img = sketch if isinstance(sketch, Image.Image) else Image.open(sketch)
+    if img.mode == "RGBA":  # drawn strokes on a transparent canvas: put them on white
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    return img.convert("RGB")
+
+
+def condition_map(source: str, image, sketch, low, high, resize: str, width: int, height: int):
+    """The map a ControlNet unit feeds: extracted from a picture, the picture as-is, or a scribble."""
+    if source == "scribble":
+        image = sketch_image(sketch)
+        if image is None:
+            raise HyperrealError("Draw a scribble first (or choose another 'Map from').")
+        return services.condition_map("uploaded", image, width, height, resize)
+    if image is None:
+        raise HyperrealError("Upload a picture for the ControlNet unit first (or switch the unit off).")
+    params = {"low": int(low), "high": int(high)} if source == "canny" else {}
+    return services.condition_map(source, image, width, height, resize, **params)
+
+
+def controlnet_job(library: Library, guess: bool, units: list[dict]) -> list[dict] | None:
+    """Switched-on units (each with its previewed map file) -> the job's ``controlnet`` list."""
+    out = []
+    for u in units:
+        if not u.get("map"):
+            raise HyperrealError(f"ControlNet unit {u['unit']} is on but has no map: upload a picture or draw a "
+                                 "scribble in its tab (the preview shows the map), or switch the unit off.")
+        item = {"path": library.check_source(u["model"], "ControlNet"), "image": u["map"],
+                "scale": float(u["weight"]), "start": float(u["start"]), "end": float(u["end"])}
+        if guess:
+            item["guess_mode"] = True
+        out.append(item)
+    return out or None

@@ -1,0 +1,173 @@
+"""Method 1 (extra text encoder) invariants on the tiny base, CPU only: gate/alpha 0 is the exact base, gates get
+gradients at 0, frozen weights stay bit-identical, files round-trip, the BART code path, jobs and the CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench.synonyms import DEV_COLOURS, DEV_SHAPES
+from hyperreal import services, training
+from hyperreal.errors import HyperrealError
+from hyperreal.generation import GenerationJob, job_from_dict, run_job
+from hyperreal.methods import bridge as B
+from hyperreal.shapes import phrasing
+from tests.conftest import digest, run_cli
+
+STEPS = 4  # sampling steps: enough to compare images, fast
+CAPTIONS = ["a red circle", "a blue square on the left", "a green triangle at the top", "an orange circle"]
+
+
+@pytest.fixture(scope="module")
+def base():
+    from hyperreal.loading import load_base
+
+    return load_base("tiny")
+
+
+def image(base, prompt="a red circle", seed=3, bridge=None):
+    job = GenerationJob(prompt, seed, steps=STEPS, bridge=bridge)
+    return np.asarray(run_job(base, job)[0], dtype=np.int16)
+
+
+def fresh(base, mode, tmp_path, name=None):
+    enc = B.get_encoder(base, "minilm")
+    spec = B.new_spec(base, enc, mode, max_length=16, width=64, layers=1)
+    lb = B.LoadedBridge(B.Bridge.create(spec, base.pipe.unet), enc, {"base": base.name})
+    return lb, B.save_bridge(lb, tmp_path / f"{name or mode}.safetensors")
+
+
+def test_zero_gate_and_zero_alpha_are_the_exact_base(base, tmp_path):
+    ref = image(base)
+    _, fuse = fresh(base, "fuse", tmp_path)
+    _, swap = fresh(base, "swap", tmp_path)
+    assert np.array_equal(ref, image(base, bridge={"path": str(fuse), "scale": 1.0}))  # fresh gates are 0
+    assert np.array_equal(ref, image(base, bridge={"path": str(swap), "scale": 0.0}))  # alpha 0
+    assert not np.array_equal(ref, image(base, bridge={"path": str(swap), "scale": 1.0}))  # untrained translator
+    assert np.array_equal(ref, image(base))  # nothing left behind on the shared pipeline
+    assert all(not isinstance(p, B.FuseAttnProcessor) for p in base.pipe.unet.attn_processors.values())
+
+
+def test_gates_get_gradients_at_zero(base, tmp_path):
+    req = B.TrainRequest(data="shapes", mode="fuse", max_length=16, width=64)
+    (name, learner), = B.make_learners(base, req, tmp_path, services.bridge_data(base, req, scenes=8))
+    try:
+        assert float(learner.lb.bridge.gates.abs().sum()) == 0.0
+        loss = learner.loss(next(learner.batches(4, 0)))
+        loss.backward()
+        g = learner.lb.bridge.gates.grad
+        assert g is not None and float(g.abs().sum()) > 0
+    finally:
+        learner.close()
+
+
+@pytest.mark.parametrize("mode", ["fuse", "swap"])
+def test_training_moves_only_the_bridge_and_round_trips(base, tmp_path, mode):
+    pipe = base.pipe
+    enc = B.get_encoder(base, "minilm")
+    frozen = digest(pipe.unet, pipe.vae, pipe.text_encoder, enc.model)
+    req = B.TrainRequest(data="shapes", mode=mode, max_length=16, width=64, layers=1,
+                         diffusion_steps=2 if mode == "swap" else 0, name=f"t_{mode}")
+    cfg = training.TrainConfig(steps=3, batch_size=4, lr=1e-2, log_every=1)
+    events = []
+    paths = services.train_bridge(base, req, cfg, tmp_path / mode, on_event=events.append, scenes=16).paths
+    assert digest(pipe.unet, pipe.vae, pipe.text_encoder, enc.model) == frozen  # bit-identical
+    assert all(not isinstance(p, B.FuseAttnProcessor) for p in pipe.unet.attn_processors.values())
+    assert [e.kind for e in events].count("done") == (2 if mode == "swap" else 1)
+    path = paths[0]
+    meta = B.read_header(path)
+    assert meta["spec"]["mode"] == mode and meta["spec"]["encoder"] == "minilm" and meta["spec"]["max_length"] == 16
+    assert meta["info"]["base"] == "tiny" and meta["info"]["train_seconds"] > 0
+    lb = B.load_bridge(str(path))
+    if mode == "fuse":
+        assert float(lb.bridge.gates.abs().sum()) > 0  # the gates moved off 0
+    # reloading gives the same images as the trained bridge (a new key in the cache: a fresh load)
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(path.read_bytes())
+    a = image(base, "a purple square", 5, {"path": str(path), "scale": 1.0})
+    b = image(base, "a purple square", 5, {"path": str(copy), "scale": 1.0})
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, image(base, "a purple square", 5))
+
+
+def test_development_words_never_in_training_phrasings():
+    """The benchmark's synonyms/phrasings are never trained on, and neither are the held-out captions."""
+    import random
+
+    from hyperreal.shapes.benchmark import held_out_prompts
+
+    rng = random.Random(0)
+    texts = " ".join(phrasing.phrase(c, rng) for c in phrasing.shapes_captions() for _ in range(5))
+    words = set(texts.replace(",", " ").replace(".", " ").split())
+    dev = {w for v in list(DEV_COLOURS.values()) + list(DEV_SHAPES.values()) for s in v for w in s.split()}
+    train = {w for v in list(phrasing.TRAIN_COLOURS.values()) + list(phrasing.TRAIN_SHAPES.values())
+             for s in v for w in s.split()}
+    assert not dev & words and not dev & train
+    assert all("please" not in t and "would" not in t
+               for t in phrasing.TRAIN_TEMPLATES_ONE + phrasing.TRAIN_TEMPLATES_TWO)
+    one, two = held_out_prompts(64, 64)
+    assert not {p for p, _ in one + two} & set(phrasing.shapes_captions())
+
+
+def test_bart_config_path_builds_trains_saves_reloads(base, tmp_path):
+    """A BART with the real facebook/bart-base config (random weights, built here: no download) through the same
+    AutoTokenizer/AutoModel folder path, attached to the tiny base by a projection, with LoRA on its attention."""
+    from transformers import AutoTokenizer, BartConfig, BartModel
+
+    cfg = BartConfig(vocab_size=50265, max_position_embeddings=1024, d_model=768, encoder_layers=6,
+                     decoder_layers=6, encoder_attention_heads=12, decoder_attention_heads=12,
+                     encoder_ffn_dim=3072, decoder_ffn_dim=3072, activation_function="gelu", dropout=0.1,
+                     attention_dropout=0.0, activation_dropout=0.0, init_std=0.02, scale_embedding=False,
+                     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+                     forced_eos_token_id=2, normalize_before=False, add_final_layer_norm=False)
+    folder = tmp_path / "bart-base-random"
+    torch.manual_seed(0)
+    BartModel(cfg).save_pretrained(folder, safe_serialization=True)
+    # bart-base's BPE tokenizer cannot be downloaded here; any tokenizer whose ids fit BART's vocabulary does
+    AutoTokenizer.from_pretrained(B.resolve_encoder("minilm")).save_pretrained(folder)
+    req = B.TrainRequest(data="shapes", mode="fuse", encoder=str(folder), max_length=12, width=64, lora_rank=2,
+                         name="bart")
+    cfg = training.TrainConfig(steps=1, batch_size=2, lr=1e-2, log_every=1)
+    paths = services.train_bridge(base, req, cfg, tmp_path / "o", scenes=4).paths
+    meta = B.read_header(paths[0])
+    assert meta["spec"]["encoder"] == str(folder) and meta["spec"]["encoder_width"] == 768
+    assert meta["spec"]["encoder_states"] == 7  # embeddings + 6 encoder layers, all mixed
+    lb = B.load_bridge(str(paths[0]))
+    assert B.encoder_lora_state(lb.encoder)  # the encoder LoRA came back
+    img = image(base, "a red circle", 1, {"path": str(paths[0]), "scale": 1.0})
+    assert img.shape == (64, 64, 3)
+
+
+def test_job_checks():
+    with pytest.raises(HyperrealError, match="not a file"):
+        job_from_dict({"prompt": "a red circle", "seed": 1, "bridge": {"path": "nope.safetensors"}}, "jobs line 1")
+    with pytest.raises(HyperrealError, match="scale"):
+        B.check_job_bridge({"path": "x", "scale": 9}, "job")
+    with pytest.raises(HyperrealError, match="unknown key"):
+        B.check_job_bridge({"path": "x", "weight": 1}, "job")
+
+
+def test_cli_train_and_generate_jobs(tmp_path):
+    caps = tmp_path / "captions.txt"
+    caps.write_text("\n".join(CAPTIONS) + "\n")
+    out = tmp_path / "run"
+    r = run_cli("train", "bridge", "--base", "tiny", "--mode", "swap", "--data", caps, "--out", out, "--steps", 2,
+                "--batch-size", 4, "--width", 64, "--layers", 1, "--max-length", 16, "--json")
+    assert r.returncode == 0, r.stderr
+    figures = json.loads(r.stdout.strip().splitlines()[-1])
+    path = out / "bridge.safetensors"
+    assert path.is_file() and figures["files"] == [str(path)] and figures["mode"] == "swap"
+    assert (out / "summary.json").is_file()
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a crimson ball", "seed": 1, "steps": 2,
+                                "bridge": {"path": str(path), "scale": 0.5}}) + "\n")
+    r = run_cli("generate", "--base", "tiny", "--jobs", jobs, "--out-dir", tmp_path / "img")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "img" / "0000.png").is_file()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a red circle", "seed": 1, "steps": 2}) + "\n"
+                   + json.dumps({"prompt": "a red circle", "seed": 1, "bridge": {"path": str(caps)}}) + "\n")
+    r = run_cli("generate", "--base", "tiny", "--jobs", bad, "--out-dir", tmp_path / "bad")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "bad.jsonl line 2" in r.stderr and "bridge" in r.stderr
+    assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("*.png"))
