@@ -1,13 +1,18 @@
 """hyperreal app: `python app.py [--base B] [--host H] [--port P] [--share]` (settings also from env vars)."""
 from __future__ import annotations
 
-import argparse
-import sys
+try:  # on Hugging Face ZeroGPU, spaces must patch torch.cuda before anything touches it (so first of all)
+    import spaces  # noqa: F401
+except ImportError:
+    pass
 
-from hyperreal.errors import HyperrealError
-from hyperreal.loading import load_base
-from hyperreal.settings import Settings
-from hyperreal.ui.app import build_app, launch
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from hyperreal.errors import HyperrealError  # noqa: E402
+from hyperreal.loading import load_base  # noqa: E402
+from hyperreal.settings import Settings  # noqa: E402
+from hyperreal.ui.app import build_app, launch  # noqa: E402
 
 
 def main(argv=None) -> int:

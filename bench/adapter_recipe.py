@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     for i, v in enumerate(variants):
         shown = dict(v)
         base = load_base("tiny")  # a fresh base per variant
-        steps, lr, bs = v.pop("steps"), v.pop("lr"), v.pop("bs", A.DEFAULT_BATCH)
+        steps, lr, bs = v.pop("steps"), v.pop("lr"), v.pop("bs", base.defaults["adapter_train"]["batch_size"])
         n_class = v.pop("class_images", S.STAR_CLASS_IMAGES)
         req = A.TrainRequest(data=str(data), class_prompts=S.shapes_class_prompts(n_class), class_images=n_class,
                              repeats=v.pop("repeats", S.STAR_REPEATS), name="recipe",

@@ -14,7 +14,7 @@ import torch
 from hyperreal import training
 from hyperreal.datasets import write_examples
 from hyperreal.loading import load_base
-from hyperreal.methods.adapters import DEFAULT_BATCH, DEFAULT_STEPS, KIND_DEFAULTS, TrainRequest, drift, make_learner
+from hyperreal.methods.adapters import TrainRequest, drift, make_learner
 from hyperreal.pipelines import generate_images
 from hyperreal.shapes import evaluator
 from hyperreal.shapes.benchmark import held_out_prompts
@@ -103,12 +103,13 @@ def star_trial(base, req: TrainRequest, cfg, out: str | Path, star_pairs, plain_
             "file": str(paths[0]), "file_mb": round(paths[0].stat().st_size / 1e6, 3)}
 
 
-def star_benchmark(kinds: list[str], work: str | Path, steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH,
+def star_benchmark(kinds: list[str], work: str | Path, steps: int | None = None, batch_size: int | None = None,
                    class_images: int = STAR_CLASS_IMAGES, repeats: int = STAR_REPEATS, n_prompts: int = 32,
                    base_name: str = "tiny",
                    log=print) -> dict:
     """Teach the reserved shape: each kind (and ``full``) trains on the same 8 star images, class images and
     step budget, then is measured on held-out star prompts and on prompts without the trigger (drift, accuracy).
+    Steps, batch size and learning rates default to the base's recipe (its defaults' adapter_train).
     """
     work = Path(work)
     data = star_dataset(work / "stars")
@@ -116,6 +117,8 @@ def star_benchmark(kinds: list[str], work: str | Path, steps: int = DEFAULT_STEP
     one, two = held_out_prompts(n_prompts - n_prompts // 2, n_prompts // 2)
     plain_pairs = one + two
     base = load_base(base_name)
+    recipe = base.defaults["adapter_train"]
+    steps, batch_size = steps or recipe["steps"], batch_size or recipe["batch_size"]
     gen_steps, guidance = base.defaults["steps"], base.defaults["guidance"]
     base_plain = generate_images(base.pipe, plain_pairs, gen_steps, guidance)
     base_star = star_scores(generate_images(base.pipe, star_pairs, gen_steps, guidance), star_pairs)
@@ -131,7 +134,8 @@ def star_benchmark(kinds: list[str], work: str | Path, steps: int = DEFAULT_STEP
         req = TrainRequest(data=str(data), kind=kind, trigger=STAR_TRIGGER,
                            class_prompts=shapes_class_prompts(class_images), class_images=class_images,
                            repeats=repeats, name=f"star_{kind}")
-        cfg = training.TrainConfig(steps=steps, batch_size=batch_size, lr=KIND_DEFAULTS[kind]["lr"],
+        cfg = training.TrainConfig(steps=steps, batch_size=batch_size,
+                                   lr=recipe["full_lr"] if kind == "full" else recipe["lr"],
                                    log_every=max(steps // 4, 1))
         # a fresh base per kind: nothing carries over between runs
         row = star_trial(load_base(base_name), req, cfg, work / kind, star_pairs, plain_pairs, base_plain,

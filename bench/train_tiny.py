@@ -97,8 +97,16 @@ def base_json(defaults: dict) -> dict:
                          "a green triangle at the top and a yellow circle at the bottom",
                          "an orange square on the left and a purple circle on the right"],
             "example_caption": "a sks star", "bridge_encoder": "minilm", "controlnets": [],
+            # chosen on the star task (README: Adapters; bench/adapter_recipe.py)
+            "adapter_train": {"steps": 2000, "batch_size": 8, "lr": 1e-3, "full_lr": 1e-4, "prior_weight": 15.0,
+                              "class_images": 32, "sample_every": 50},
             # tiny-canny's learning rate with fewer steps
             "controlnet_train": {"steps": 500, "batch_size": 16, "lr": 3e-4, "sample_every": 100},
+            # what trained tiny-bridge (bench/train_tiny_bridge.py)
+            "bridge_train": {"swap": {"steps": 2000, "batch_size": 64, "lr": 1e-3},
+                             "fuse": {"steps": 2000, "batch_size": 16, "lr": 1e-3}, "sample_every": 100},
+            # 64 px images: nothing to slice or tile, and its figures were measured with whole-batch decoding
+            "vae_slicing": False, "vae_tiling": False,
             # held-out prompts (never trained on), one-object and two-object, for adapters' drift
             "drift_prompts": [[list(p) for p in one], [list(p) for p in two]]}
 

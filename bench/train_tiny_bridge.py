@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     runs, files = {}, {}
     for mode in modes:
-        d = B.MODE_DEFAULTS[mode]
+        d = base.defaults["bridge_train"][mode]
         steps = args.swap_steps if mode == "swap" else args.fuse_steps
         req = B.TrainRequest(data="shapes", mode=mode, encoder="minilm", width=args.width, layers=args.layers,
                              name=mode, sample_prompts=["a crimson ball", "an emerald cube on the left"])

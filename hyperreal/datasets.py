@@ -7,11 +7,13 @@ A dataset is a folder (or a .zip of one) of images with captions from either
 """
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -122,19 +124,30 @@ def image_tensor(img: Image.Image, width: int, height: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
+def chunks(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (the last may be shorter), read lazily."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
 @torch.no_grad()
-def encode_images(vae, images: list[torch.Tensor], batch: int = 16) -> torch.Tensor:
-    """Frozen-VAE latents (mean, scaled), computed once per dataset instead of every step."""
+def encode_images(vae, images: Iterable[torch.Tensor], batch: int = 16) -> torch.Tensor:
+    """Frozen-VAE latents (mean, scaled), computed once per dataset instead of every step; the images are read
+    ``batch`` at a time, so only latents (64x smaller) are ever held for the whole dataset."""
     out = []
-    for i in range(0, len(images), batch):
-        x = torch.stack(images[i:i + batch]).to(vae.device, vae.dtype)
+    for chunk in chunks(images, batch):
+        x = torch.stack(chunk).to(vae.device, vae.dtype)
         out.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
     return torch.cat(out).float().cpu()
 
 
 @torch.no_grad()
-def encode_prompts(pipe, texts: list[str]) -> torch.Tensor:
-    """Frozen text-encoder outputs for each caption (one forward per distinct caption)."""
+def encode_prompts(pipe, texts: list[str], batch: int = 256) -> torch.Tensor:
+    """Frozen text-encoder outputs for each caption, ``batch`` captions per forward pass."""
     tok = pipe.tokenizer
-    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-    return pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0].float().cpu()
+    out = []
+    for chunk in chunks(texts, batch):
+        ids = tok(chunk, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        out.append(pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0].float().cpu())
+    return torch.cat(out)

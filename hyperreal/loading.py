@@ -19,8 +19,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from . import sources
 from .errors import HyperrealError
 from .registry import find_embedded
+from .training.memory import half_dtype
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# SD1.5's own configs (JSON, no weights) and CLIP tokenizer, for loading single files offline and for building
+# SD1.5-shaped models in tests
+SD15_CONFIGS = Path(__file__).resolve().parent / "configs" / "sd15"
 BASE_ENV = "HYPERREAL_BASE"
 # What a base gets when its folder carries no hyperreal.json: SD1.5's own recommendations and recipes. A base's
 # hyperreal.json overrides any of these keys (the tiny model's does); method code reads what differs per base here.
@@ -34,20 +38,32 @@ HUB_DEFAULTS = {
     "drift_prompts": [],
     "bridge_encoder": "facebook/bart-base",  # width 768 = SD1.5's cross-attention width
     "controlnets": ["lllyasviel/control_v11p_sd15_canny", "lllyasviel/control_v11p_sd15_openpose"],
-    # the ControlNet Train panel's starting values: the paper's lr 1e-5 on SD1.5
+    # Training recipes for when a person sets nothing (the app's knobs start from them too); a VRAM preset
+    # (training.memory) then fits the batch size to the card. SD1.5's come from the field: diffusers'
+    # examples/dreambooth README (LoRA: lr 1e-4, batch 1 at 512 px, 500 steps; DreamBooth with prior preservation:
+    # prior loss weight 1.0, 200 class images, a full fine-tune at lr 5e-6), kohya's SD1.5 LoRA lr 1e-4, the
+    # ControlNet paper's lr 1e-5, and IP-Adapter's lr 1e-4 for decoupled cross-attention (the bridge's fuse mode)
+    "adapter_train": {"steps": 800, "batch_size": 1, "lr": 1e-4, "full_lr": 5e-6, "prior_weight": 1.0,
+                      "class_images": 100, "sample_every": 100},
     "controlnet_train": {"steps": 1000, "batch_size": 4, "lr": 1e-5, "sample_every": 200},
+    "bridge_train": {"swap": {"steps": 5000, "batch_size": 32, "lr": 1e-4},
+                     "fuse": {"steps": 5000, "batch_size": 4, "lr": 1e-4}, "sample_every": 500},
+    # decode a batch one image at a time, and large images in tiles: validation, class images and drift decode
+    # many 512 px images at once (diffusers' AutoencoderKL.enable_slicing / enable_tiling)
+    "vae_slicing": True,
+    "vae_tiling": True,
 }
 
 
 def pick_device() -> tuple[str, torch.dtype]:
-    """CUDA in half precision when present (bf16 where supported), else CPU fp32; HYPERREAL_DEVICE overrides."""
+    """CUDA in half precision when present (bf16 where the card runs it natively), else CPU fp32;
+    HYPERREAL_DEVICE overrides the device."""
     want = os.environ.get("HYPERREAL_DEVICE", "").strip().lower()
     if want == "cpu" or (not want and not torch.cuda.is_available()):
         return "cpu", torch.float32
     if want and want.startswith("cuda") and not torch.cuda.is_available():
         raise HyperrealError(f"HYPERREAL_DEVICE={want} but no CUDA device is visible; unset it to run on the CPU.")
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return want or "cuda", dtype
+    return want or "cuda", half_dtype()
 
 
 def resolve_base(base: str | None) -> str:
@@ -108,7 +124,7 @@ def load_base(base: str | None = None, device: str | None = None, dtype: torch.d
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=True)
+        pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True)
     except Exception as err:  # every loading failure becomes one actionable sentence
         cause, fix = sources.load_error("base model", name, err)
         fix = fix or "check that it is a Stable Diffusion 1.x model in the diffusers layout"
@@ -120,8 +136,12 @@ def load_base(base: str | None = None, device: str | None = None, dtype: torch.d
     pipe.set_progress_bar_config(disable=True)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False).eval()
-    local = Path(source).is_dir()
-    return BaseModel(name=name, source=source, pipe=pipe, defaults=base_defaults(source if local else None))
+    defaults = base_defaults(source if Path(source).is_dir() else None)
+    if defaults["vae_slicing"]:
+        pipe.vae.enable_slicing()
+    if defaults["vae_tiling"]:
+        pipe.vae.enable_tiling()
+    return BaseModel(name=name, source=source, pipe=pipe, defaults=defaults)
 
 
 def plain(model):

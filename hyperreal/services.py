@@ -7,6 +7,7 @@ for a person come as ``info`` events) and returns a :class:`TrainReport`, whose 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,9 +20,10 @@ from .errors import HyperrealError
 from .loading import BaseModel
 from .methods import adapters, bridge, controlnet
 from .shapes import phrasing
-from .training import CancelToken, ProgressEvent, TrainConfig
+from .training import CancelToken, ProgressEvent, TrainConfig, memory
+from .training.session import Session, run_here
 
-Runner = Callable[..., list]
+Runner = Callable[..., tuple]  # training.session.run_here, or zerogpu.run_in_chunks
 SHAPES_SCENES = 2000  # images rendered for the diffusion loss when a bridge trains on the shapes world
 
 
@@ -34,14 +36,46 @@ class TrainReport:
 
 
 class _Reporter:
-    """Sends info lines as events and keeps them for the report."""
+    """Sends info lines as events and keeps them for the report; ``relay`` passes the loop's events on (and keeps
+    the info lines a GPU process sent)."""
 
     def __init__(self, on_event, total: int):
         self.on_event, self.total, self.notes = on_event or (lambda e: None), total, []
 
     def __call__(self, message: str, step: int = 0) -> None:
-        self.notes.append(message)
-        self.on_event(ProgressEvent("info", step, self.total, message=message))
+        self.relay(ProgressEvent("info", step, self.total, message=message))
+
+    def relay(self, event: ProgressEvent) -> None:
+        if event.kind == "info" and event.message not in self.notes:
+            self.notes.append(event.message)
+        self.on_event(event)
+
+
+def _info(emit, message: str) -> None:
+    emit(ProgressEvent("info", 0, 0, message=message))
+
+
+def _loop(cfg: TrainConfig, out: Path):
+    """A session's train step for a single learner: the shared loop."""
+    def run(learner, on_event, cancel, resume) -> list[Path]:
+        return training.train(learner, cfg, out, on_event=on_event, cancel=cancel, resume=resume)
+    return run
+
+
+def train_settings(base: BaseModel, method: str, variant: str | None = None, vram: str | int | None = "auto") -> dict:
+    """What a training run uses when a person sets nothing (the CLI's defaults, the Train panels' starting
+    values): the base's recipe for the method (``variant``: the adapter kind, the bridge mode), with the batch size
+    capped, gradient checkpointing and 8-bit Adam as the VRAM preset for the card says (none on the CPU)."""
+    recipe = base.defaults[f"{method}_train"]
+    out = dict(recipe[variant or "fuse"]) if method == "bridge" else dict(recipe)
+    out["sample_every"] = recipe["sample_every"]
+    if method == "adapter" and variant == "full":
+        out["lr"] = recipe["full_lr"]
+    tier, preset = memory.preset(method, vram, base.device)
+    out.update(vram=tier, gradient_checkpointing=preset.get("gradient_checkpointing", False),
+               use_8bit_adam=preset.get("use_8bit_adam", False),
+               batch_size=min(out["batch_size"], preset.get("batch_size", out["batch_size"])))
+    return out
 
 
 def _finish(out: Path, paths: list, figures: dict, say: _Reporter, cancel: CancelToken) -> TrainReport:
@@ -53,8 +87,8 @@ def _finish(out: Path, paths: list, figures: dict, say: _Reporter, cancel: Cance
 
 def check_adapter_request(req: adapters.TrainRequest) -> None:
     """What can be checked before the base loads: the kind, the spec, the dataset."""
-    if req.kind not in adapters.KIND_DEFAULTS:
-        raise HyperrealError(f"--kind must be one of {', '.join(adapters.KIND_DEFAULTS)}, got {req.kind!r}")
+    if req.kind not in adapters.KINDS_AND_FULL:
+        raise HyperrealError(f"--kind must be one of {', '.join(adapters.KINDS_AND_FULL)}, got {req.kind!r}")
     if req.kind != "full":
         req.spec().check()
     adapters.instance_examples(req.data, req.trigger)
@@ -62,42 +96,50 @@ def check_adapter_request(req: adapters.TrainRequest) -> None:
 
 def train_adapter(base: BaseModel, req: adapters.TrainRequest, cfg: TrainConfig, out: str | Path, on_event=None,
                   cancel: CancelToken | None = None, resume: bool = False, drift_samples: int = 8,
-                  runner: Runner = training.train) -> TrainReport:
+                  runner: Runner = run_here) -> TrainReport:
     """Train an adapter (or the full fine-tune), measure drift on prompts without the trigger, and take the
     adapter off the shared base again (generation loads the saved file when it is chosen)."""
     out, cancel = Path(out), cancel or CancelToken()
     say = _Reporter(on_event, cfg.steps)
-    learner = adapters.make_learner(base, req, out, info={"steps": cfg.steps, "lr": cfg.lr,
-                                                          "batch_size": cfg.batch_size})
     full = req.kind == "full"
-    try:
-        what = "the whole UNet (full fine-tune)" if full else learner.spec.describe()
-        n_class = len(learner.data) - learner.data.n_instances
-        say(f"training {what}: {learner.trained_parameter_count():,} parameters on {learner.data.n_instances} "
-            "images" + (f" + {n_class} class images (repeats {learner.data.repeats})" if n_class else ""))
-        for word in getattr(learner, "tokens", {}):
-            say(f"trigger word '{word}' is several tokens to this tokenizer: it gets a new token of its own, "
-                "trained with the adapter and saved in its file")
-        t0 = time.time()
-        paths = runner(learner, cfg, out, on_event=on_event, cancel=cancel, resume=resume)
-        train_seconds = time.time() - t0
+
+    @contextlib.contextmanager
+    def open_(emit):
+        learner = adapters.make_learner(base, req, out, info={"steps": cfg.steps, "lr": cfg.lr,
+                                                              "batch_size": cfg.batch_size})
+        try:
+            what = "the whole UNet (full fine-tune)" if full else learner.spec.describe()
+            n_class = len(learner.data) - learner.data.n_instances
+            _info(emit, f"training {what}: {learner.trained_parameter_count():,} parameters on {learner.data.n_instances} "
+                "images" + (f" + {n_class} class images (repeats {learner.data.repeats})" if n_class else ""))
+            for word in getattr(learner, "tokens", {}):
+                _info(emit, f"trigger word '{word}' is several tokens to this tokenizer: it gets a new token of its own, "
+                    "trained with the adapter and saved in its file")
+            yield learner
+        finally:
+            if not full:
+                adapters.remove_adapter(base.pipe, learner.name)
+
+    def report(learner, paths) -> dict:
         pairs = adapters.default_drift_prompts(base, learner.data.captions, req.trigger, drift_samples)
         measured = adapters.drift(learner, pairs, base.defaults["steps"], base.defaults["guidance"])
-    finally:
-        if not full:
-            adapters.remove_adapter(base.pipe, learner.name)
+        return {"drift": round(measured["drift"], 3), "drift_prompts": len(pairs),
+                "trained_parameters": learner.trained_parameter_count(),
+                "scale": None if full else learner.spec.scale, "alpha": None if full else learner.spec.resolved_alpha}
+
+    paths, measured = runner(Session(out, open_, _loop(cfg, out), report), say.relay, cancel, resume)
     loads_in = {} if full else json.loads((out / "adapter.json").read_text())["loads_in"]
     for p in paths:
         where = loads_in.get(str(Path(p).relative_to(out)), "diffusers (UNet2DConditionModel.from_pretrained)")
         say(f"wrote {p} (loads in: {where})", cfg.steps)
-    say(f"Drift on {len(pairs)} prompts without the trigger: mean abs pixel difference {measured['drift']:.2f} "
-        "(0-255) from the base, same seeds; small is good: the base kept its knowledge", cfg.steps)
+    say(f"Drift on {measured['drift_prompts']} prompts without the trigger: mean abs pixel difference "
+        f"{measured['drift']:.2f} (0-255) from the base, same seeds; small is good: the base kept its knowledge",
+        cfg.steps)
     figures = {"kind": req.kind, "base": base.name, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
-               "trained_parameters": learner.trained_parameter_count(),
-               "scale": None if full else learner.spec.scale, "rank": None if full else req.rank,
-               "alpha": None if full else learner.spec.resolved_alpha,
-               "train_seconds": round(train_seconds, 1), "drift": round(measured["drift"], 3),
-               "drift_prompts": len(pairs), "files": [str(p) for p in paths]}
+               "trained_parameters": measured["trained_parameters"], "scale": measured["scale"],
+               "rank": None if full else req.rank, "alpha": measured["alpha"],
+               "train_seconds": training.training_seconds(out), "drift": measured["drift"],
+               "drift_prompts": measured["drift_prompts"], "files": [str(p) for p in paths]}
     return _finish(out, paths, figures, say, cancel)
 
 
@@ -110,28 +152,32 @@ def check_controlnet_request(req: controlnet.TrainRequest) -> None:
 
 def train_controlnet(base: BaseModel, req: controlnet.TrainRequest, cfg: TrainConfig, out: str | Path,
                      on_event=None, cancel: CancelToken | None = None, resume: bool = False,
-                     runner: Runner = training.train) -> TrainReport:
+                     runner: Runner = run_here) -> TrainReport:
     """Compute the maps, train a ControlNet, and write its diffusers folder and single file."""
     out, cancel = Path(out), cancel or CancelToken()
     say = _Reporter(on_event, cfg.steps)
-    t0 = time.time()
-    learner = controlnet.make_learner(base, req, out, info={"steps": cfg.steps, "lr": cfg.lr,
-                                                            "batch_size": cfg.batch_size})
-    data_seconds = time.time() - t0
-    say(controlnet.WHAT_LEARNS)
-    say(f"training {learner.trained_parameter_count():,} parameters on {len(learner.data)} images ({req.extractor} "
-        f"maps; latents, embeddings and maps cached in {data_seconds:.1f}s)")
-    t0 = time.time()
-    paths = runner(learner, cfg, out, on_event=on_event, cancel=cancel, resume=resume)
-    train_seconds = time.time() - t0
+
+    @contextlib.contextmanager
+    def open_(emit):
+        t0 = time.time()
+        learner = controlnet.make_learner(base, req, out, info={"steps": cfg.steps, "lr": cfg.lr,
+                                                                "batch_size": cfg.batch_size})
+        _info(emit, controlnet.WHAT_LEARNS)
+        _info(emit, f"training {learner.trained_parameter_count():,} parameters on {len(learner.data)} images "
+            f"({req.extractor} maps; latents, embeddings and maps cached in {time.time() - t0:.1f}s)")
+        yield learner
+
+    def report(learner, paths) -> dict:
+        return {"trained_parameters": learner.trained_parameter_count(), "images": len(learner.data)}
+
+    paths, measured = runner(Session(out, open_, _loop(cfg, out), report), say.relay, cancel, resume)
     for p in paths:
         where = ("diffusers (ControlNetModel.from_pretrained), hyperreal" if Path(p).is_dir()
                  else "hyperreal (diffusers keys; config in the header)")
         say(f"wrote {p} (loads in: {where})", cfg.steps)
     losses = json.loads((out / "losses.json").read_text())
     figures = {"base": base.name, "extractor": req.extractor, "steps": cfg.steps, "batch_size": cfg.batch_size,
-               "lr": cfg.lr, "trained_parameters": learner.trained_parameter_count(), "images": len(learner.data),
-               "train_seconds": round(train_seconds, 1), "data_seconds": round(data_seconds, 1),
+               "lr": cfg.lr, **measured, "train_seconds": training.training_seconds(out),
                "final_loss": losses[-1] if losses else None, "files": [str(p) for p in paths]}
     return _finish(out, paths, figures, say, cancel)
 
@@ -161,27 +207,40 @@ def check_bridge_request(req: bridge.TrainRequest) -> None:
 
 
 def train_bridge(base: BaseModel, req: bridge.TrainRequest, cfg: TrainConfig, out: str | Path, on_event=None,
-                 cancel: CancelToken | None = None, resume: bool = False,
-                 scenes: int = SHAPES_SCENES) -> TrainReport:
+                 cancel: CancelToken | None = None, resume: bool = False, scenes: int = SHAPES_SCENES,
+                 runner: Runner = run_here) -> TrainReport:
     """Train a bridge (swap: distillation, then optionally the diffusion loss; fuse: the diffusion loss)."""
     out, cancel = Path(out), cancel or CancelToken()
     say = _Reporter(on_event, cfg.steps)
-    say(bridge.WHAT_LEARNS)
-    t0 = time.time()
-    paths = bridge.run_training(base, req, cfg, out, bridge_data(base, req, scenes), on_event=on_event,
-                                cancel=cancel, resume=resume)
-    seconds = time.time() - t0
-    lb = bridge.load_bridge(str(paths[0]))
+
+    @contextlib.contextmanager
+    def open_(emit):
+        _info(emit, bridge.WHAT_LEARNS)
+        stages = bridge.make_learners(base, req, out, bridge_data(base, req, scenes),
+                                      info={"mode": req.mode, "steps": cfg.steps, "lr": cfg.lr,
+                                            "batch_size": cfg.batch_size})
+        try:
+            yield stages
+        finally:
+            bridge.close(stages)
+
+    def train(stages, on_event, cancel, resume) -> list[Path]:
+        return bridge.train_stages(base, req, cfg, out, stages, on_event, cancel, resume)
+
+    def report(stages, paths) -> dict:
+        lb = stages[-1][1].lb
+        return {"train_seconds": bridge.record_training_time(out, stages, paths[0]) if paths else None,
+                "encoder": lb.spec.encoder, "trained_parameters": sum(p.numel() for p in lb.bridge.parameters()),
+                "layer_weights": lb.bridge.layer_weights(),
+                **({"gates": [round(float(g), 4) for g in lb.bridge.gates]} if req.mode == "fuse" else {})}
+
+    paths, measured = runner(Session(out, open_, train, report), say.relay, cancel, resume)
     for p in paths:
         say(f"wrote {p} ({p.stat().st_size / 1e6:.2f} MB); use it in jobs as "
             f"\"bridge\": {{\"path\": \"{p}\", \"scale\": 1.0}}", cfg.steps)
-    figures = {"mode": req.mode, "base": base.name, "encoder": lb.spec.encoder, "steps": cfg.steps,
-               "diffusion_steps": req.diffusion_steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
-               "trained_parameters": sum(p.numel() for p in lb.bridge.parameters()),
-               "lora_rank": req.lora_rank, "train_seconds": round(seconds, 1),
-               "layer_weights": lb.bridge.layer_weights(), "files": [str(p) for p in paths]}
-    if req.mode == "fuse":
-        figures["gates"] = [round(float(g), 4) for g in lb.bridge.gates]
+    figures = {"mode": req.mode, "base": base.name, "steps": cfg.steps, "diffusion_steps": req.diffusion_steps,
+               "batch_size": cfg.batch_size, "lr": cfg.lr, "lora_rank": req.lora_rank, **measured,
+               "files": [str(p) for p in paths]}
     return _finish(out, paths, figures, say, cancel)
 
 

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # the tests never reach a hub: fail fast instead of waiting on the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,5 +35,5 @@ def digest(*modules) -> str:
     for m in modules:
         for k, v in sorted(m.state_dict().items()):
             h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     return h.hexdigest()

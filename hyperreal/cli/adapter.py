@@ -8,8 +8,7 @@ from pathlib import Path
 
 from .. import services
 from ..errors import HyperrealError
-from ..methods.adapters import (DEFAULT_BATCH, DEFAULT_PRIOR_WEIGHT, DEFAULT_RANK, DEFAULT_STEPS, KIND_DEFAULTS,
-                                TrainRequest)
+from ..methods.adapters import DEFAULT_RANK, KINDS_AND_FULL, TrainRequest
 from . import common
 from .common import bench
 
@@ -22,9 +21,9 @@ def add_train(tsub) -> None:
     ta.add_argument("--data", required=True, help="folder or .zip: metadata.jsonl or NAME.txt captions, or bare "
                     "images captioned by --trigger")
     ta.add_argument("--out", required=True, help="output folder (adapter files, checkpoints, samples, summary.json)")
-    ta.add_argument("--kind", default="lora", help="lora | dora | loha | lokr | oft, or full (the whole UNet, for comparison)")
-    common.add_loop_args(ta, steps=DEFAULT_STEPS, batch_size=DEFAULT_BATCH, lr=None,
-                         lr_help="learning rate (default: per kind, 1e-3 for adapters, 1e-4 for full)")
+    ta.add_argument("--kind", default="lora", help="lora | dora | loha | lokr | oft, or full (the whole UNet, for "
+                    "comparison)")
+    common.add_loop_args(ta, lr_help="learning rate (default: the base's recipe, its full_lr for --kind full)")
     ta.add_argument("--rank", type=int, default=DEFAULT_RANK, help="rank (OFT: block size)")
     ta.add_argument("--alpha", type=float, help="alpha (default from --preset); the scale is alpha/rank")
     ta.add_argument("--preset", default="diffusers-like", help="diffusers-like (alpha = rank) | kohya-like (alpha 1)")
@@ -43,7 +42,7 @@ def add_train(tsub) -> None:
                     "images (default: the captions without --trigger, e.g. 'a photo of sks dog' -> 'a photo of dog')")
     ta.add_argument("--class-images", type=int, default=0, help="how many class images the frozen base generates "
                     "(0: no prior preservation; a few dozen keep the base's knowledge, see README: Adapters)")
-    ta.add_argument("--prior-weight", type=float, default=DEFAULT_PRIOR_WEIGHT, help="loss weight of class images")
+    ta.add_argument("--prior-weight", type=float, help="loss weight of class images (default: the base's recipe)")
     ta.add_argument("--prior-target", choices=("base", "noise"), default="base",
                     help="class images' target: the frozen base's own prediction (base: exactly 'leave these prompts "
                          "alone') or the added noise (noise: classic DreamBooth)")
@@ -60,8 +59,8 @@ def add_eval(esub) -> None:
     ea = common.add_eval_parser(esub, "adapter", "teach the tiny base the reserved shape 'star' with each adapter "
                                 "kind and a full fine-tune; star rate, drift, accuracy and training time", evaluate)
     ea.add_argument("--kinds", default="lora,dora,loha,lokr,oft,full")
-    ea.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    ea.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    ea.add_argument("--steps", type=int, help="(default: the base's recipe)")
+    ea.add_argument("--batch-size", type=int, help="(default: the base's recipe)")
     ea.add_argument("--class-images", type=int, default=star.STAR_CLASS_IMAGES,
                     help="prior-preservation images from the base")
     ea.add_argument("--repeats", type=int, default=star.STAR_REPEATS)
@@ -70,33 +69,29 @@ def add_eval(esub) -> None:
 
 
 def train(args) -> int:
-    kind = args.kind
-    if kind not in KIND_DEFAULTS:
-        raise HyperrealError(f"--kind must be one of {', '.join(KIND_DEFAULTS)}, got {kind!r}")
-    cfg = common.train_config(args, args.lr or KIND_DEFAULTS[kind]["lr"])
     req = TrainRequest(
-        data=args.data, kind=kind, rank=args.rank, alpha=args.alpha, preset=args.preset, placement=args.placement,
+        data=args.data, kind=args.kind, rank=args.rank, alpha=args.alpha, preset=args.preset, placement=args.placement,
         rslora=args.rslora, train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
         trigger=args.trigger, trigger_token=args.trigger_token, class_prompts=args.class_prompt or [],
         class_images=args.class_images, prior_weight=args.prior_weight, prior_target=args.prior_target,
         repeats=args.repeats, flip=args.flip, caption_dropout=args.caption_dropout,
-        sample_prompts=args.sample_prompt or [], name=args.name, seed=args.seed)
-    return common.run_training(args, req, cfg, services.check_adapter_request, services.train_adapter,
-                               drift_samples=args.drift_samples)
+        sample_prompts=args.sample_prompt or [], resolution=args.resolution, name=args.name, seed=args.seed)
+    return common.run_training(args, req, services.check_adapter_request, services.train_adapter, "adapter",
+                               args.kind, drift_samples=args.drift_samples)
 
 
 def evaluate(args) -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in KIND_DEFAULTS]
+    bad = [k for k in kinds if k not in KINDS_AND_FULL]
     if bad or not kinds:
-        raise HyperrealError(f"--kinds takes a comma-separated list of {', '.join(KIND_DEFAULTS)}, "
+        raise HyperrealError(f"--kinds takes a comma-separated list of {', '.join(KINDS_AND_FULL)}, "
                              f"got {args.kinds!r}")
-    if args.steps < 1 or args.prompts < 2:
+    if (args.steps is not None and args.steps < 1) or args.prompts < 2:
         raise HyperrealError("--steps must be at least 1 and --prompts at least 2")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="hyperreal-eval-adapter-"))
     figures = star.star_benchmark(kinds, work, steps=args.steps, batch_size=args.batch_size,
-                                      class_images=args.class_images, repeats=args.repeats, n_prompts=args.prompts,
-                                      base_name=args.base)
+                                  class_images=args.class_images, repeats=args.repeats, n_prompts=args.prompts,
+                                  base_name=args.base)
     figures["work"] = str(work)
     if args.json:
         print(json.dumps(figures))

@@ -26,8 +26,7 @@ def add_train(tsub) -> None:
     tb.add_argument("--data", required=True, help="captions .txt (swap), a dataset folder/.zip with captions "
                     "(images needed for fuse and --diffusion-steps), or 'shapes' (the tiny base's world)")
     tb.add_argument("--out", required=True, help="output folder (NAME.safetensors, checkpoints, summary.json)")
-    common.add_loop_args(tb, steps=None, batch_size=None, lr=None,
-                         lr_help="learning rate (default 1e-3)")
+    common.add_loop_args(tb, lr_help="learning rate (default: the base's recipe for the mode)")
     tb.add_argument("--diffusion-steps", type=int, default=0, help="swap: a second stage with the diffusion loss "
                     "through the frozen UNet (needs images)")
     tb.add_argument("--max-length", type=int, help="extra encoder tokens (default: the base tokenizer's length)")
@@ -53,18 +52,12 @@ def add_eval(esub) -> None:
 
 
 def train(args) -> int:
-    if args.mode not in bridge.MODES:
-        raise HyperrealError(f"--mode must be fuse or swap, got {args.mode!r}")
-    d = bridge.MODE_DEFAULTS[args.mode]
-    args.steps = args.steps or d["steps"]
-    args.batch_size = args.batch_size or d["batch_size"]
-    cfg = common.train_config(args, args.lr or d["lr"])
     req = bridge.TrainRequest(data=args.data, mode=args.mode, encoder=args.encoder, max_length=args.max_length,
                               width=args.width, layers=args.layers, heads=args.heads, lora_rank=args.lora_rank,
                               diffusion_steps=args.diffusion_steps, base_dropout=args.base_dropout,
                               paraphrase=not args.no_paraphrase, sample_prompts=args.sample_prompt or [],
-                              name=args.name, seed=args.seed)
-    return common.run_training(args, req, cfg, services.check_bridge_request, services.train_bridge,
+                              resolution=args.resolution, name=args.name, seed=args.seed)
+    return common.run_training(args, req, services.check_bridge_request, services.train_bridge, "bridge", args.mode,
                                scenes=args.scenes)
 
 

@@ -2,13 +2,15 @@
 and the summary at the end."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import sys
 from pathlib import Path
 
+from .. import services
 from ..loading import load_base
-from ..training import TrainConfig
+from ..training import TrainConfig, memory
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -44,25 +46,37 @@ def add_output_args(p, name: str, name_help: str, func, sample_help: str = "prom
     p.set_defaults(func=func)
 
 
-def run_training(args, req, cfg: TrainConfig, check, train, **options) -> int:
-    """What every ``train`` subcommand does with its request: ``check(req)`` before the base loads (a bad dataset
-    fails at once), then ``train(base, req, cfg, out, ...)`` (a services function) with console progress."""
+def run_training(args, req, check, train, method: str, variant: str | None = None, **options) -> int:
+    """What every ``train`` subcommand does with its request: check what was given and ``check(req)`` before the
+    base loads (a bad dataset fails at once), then ``train(base, req, cfg, out, ...)`` (a services function) with
+    the loop's settings filled in from the base's recipe and the VRAM preset, and console progress."""
+    train_config(args)
     check(req)
+    base = load_base(args.base)
+    cfg = train_config(args, services.train_settings(base, method, variant, args.vram))
     out = Path(args.out)
-    report = train(load_base(args.base), req, cfg, out, on_event=console_progress(out), resume=args.resume,
-                   **options)
+    report = train(base, req, cfg, out, on_event=console_progress(out), resume=args.resume, **options)
     return finish(args, report.figures)
 
 
-def add_loop_args(p, steps: int | None, batch_size: int | None, lr: float | None, lr_help: str = "") -> None:
-    """Options of the shared training loop (hyperreal.training.train)."""
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--lr", type=float, default=lr, help=lr_help or "learning rate")
+def add_loop_args(p, lr_help: str = "") -> None:
+    """Options of the shared training loop (hyperreal.training.train); unset ones come from the base's recipe and
+    the VRAM preset for the card (services.train_settings)."""
+    p.add_argument("--steps", type=int, help="training steps (default: the base's recipe)")
+    p.add_argument("--batch-size", type=int, help="(default: the base's recipe, capped by the VRAM preset)")
+    p.add_argument("--lr", type=float, help=lr_help or "learning rate (default: the base's recipe)")
+    p.add_argument("--resolution", type=int, help="training images' side in pixels, a multiple of 64 (default: the "
+                   "base's size, 512 on SD1.5)")
+    p.add_argument("--vram", default="auto", help="auto (the detected card) | 8 | 12 | 16 | 24: GB of GPU memory; "
+                   "sets the batch size's cap, gradient checkpointing and 8-bit Adam unless given")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in the backward pass: less memory, slower steps")
+    p.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None,
+                   help="8-bit AdamW (bitsandbytes, CUDA only; the start line says if it fell back)")
+    p.add_argument("--mixed-precision", default="auto", help="auto (the base's half dtype, none on fp32) | no | fp16 "
+                   "| bf16")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
-    p.add_argument("--mixed-precision", default="no", help="no | fp16 | bf16 (GPU only)")
-    p.add_argument("--use-8bit-adam", action="store_true", help="8-bit AdamW when bitsandbytes is installed")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
     p.add_argument("--sample-every", type=int, default=0, help="fixed-seed samples every N steps (0: at the end)")
     p.add_argument("--log-every", type=int, default=25)
@@ -71,13 +85,20 @@ def add_loop_args(p, steps: int | None, batch_size: int | None, lr: float | None
     p.add_argument("--json", action="store_true", help=JSON_HELP)
 
 
-def train_config(args, lr: float) -> TrainConfig:
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, grad_accum=args.grad_accum,
-                      mixed_precision=args.mixed_precision, warmup=args.warmup,
-                      use_8bit_adam=args.use_8bit_adam, checkpoint_every=args.checkpoint_every,
-                      validate_every=args.sample_every, log_every=max(1, min(args.log_every, args.steps)),
+def train_config(args, settings: dict | None = None) -> TrainConfig:
+    """The loop's settings: what the command line gives, else ``settings`` (services.train_settings). Without
+    settings (before the base is loaded) it checks only what was given, so a bad value fails at once."""
+    chosen = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "gradient_checkpointing", "use_8bit_adam")}
+    fallback = settings or {"steps": 1, "batch_size": 1, "lr": 1e-4, "gradient_checkpointing": False,
+                            "use_8bit_adam": False}
+    v = {k: fallback[k] if x is None else x for k, x in chosen.items()}
+    cfg = TrainConfig(steps=v["steps"], batch_size=v["batch_size"], lr=v["lr"], grad_accum=args.grad_accum,
+                      mixed_precision=args.mixed_precision, warmup=args.warmup, use_8bit_adam=v["use_8bit_adam"],
+                      gradient_checkpointing=v["gradient_checkpointing"], checkpoint_every=args.checkpoint_every,
+                      validate_every=args.sample_every, log_every=max(1, min(args.log_every, v["steps"])),
                       seed=args.seed)
     cfg.check()
+    memory.preset("adapter", args.vram)  # an unknown --vram fails here too
     return cfg
 
 

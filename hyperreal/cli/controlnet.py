@@ -24,15 +24,13 @@ def add_train(tsub) -> None:
     tc.add_argument("--data", required=True, help="folder or .zip: metadata.jsonl (file_name, text[, "
                     "conditioning_image]) or NAME.txt beside each image")
     tc.add_argument("--out", required=True, help="output folder (controlnet/, NAME.safetensors, checkpoints, samples)")
-    common.add_loop_args(tc, steps=1000, batch_size=8, lr=1e-4, lr_help="learning rate (the paper: 1e-5 on SD1.5; "
-                         "the tiny base trains well at 3e-4)")
+    common.add_loop_args(tc, lr_help="learning rate (default: the base's recipe; the paper's 1e-5 on SD1.5)")
     tc.add_argument("--extractor", default="canny", help="canny | softedge | pose | given (the dataset's maps)")
     tc.add_argument("--canny-low", type=int, default=100)
     tc.add_argument("--canny-high", type=int, default=200)
     tc.add_argument("--softedge-model", default="hed", help="hed | pidinet (a labelled Sobel fallback without weights)")
     tc.add_argument("--annotators", help="folder holding annotator weights (HED, PiDiNet, OpenPose)")
     tc.add_argument("--caption-dropout", type=float, default=0.5, help="share of empty captions (the paper: 0.5)")
-    tc.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower steps")
     tc.add_argument("--sample-map", action="append", help="condition map image(s) for the validation samples")
     common.add_output_args(tc, "controlnet", "file name of the single-file .safetensors", train,
                            "prompt(s) for the validation samples")
@@ -54,10 +52,9 @@ def train(args) -> int:
     req = controlnet.TrainRequest(
         data=args.data, extractor=args.extractor, canny_low=args.canny_low, canny_high=args.canny_high,
         softedge_model=args.softedge_model, annotators=args.annotators, caption_dropout=args.caption_dropout,
-        gradient_checkpointing=args.gradient_checkpointing, sample_prompts=args.sample_prompt or [],
-        sample_maps=args.sample_map or [], name=args.name, seed=args.seed)
-    cfg = common.train_config(args, args.lr)
-    return common.run_training(args, req, cfg, services.check_controlnet_request, services.train_controlnet)
+        sample_prompts=args.sample_prompt or [], sample_maps=args.sample_map or [], resolution=args.resolution,
+        name=args.name, seed=args.seed)
+    return common.run_training(args, req, services.check_controlnet_request, services.train_controlnet, "controlnet")
 
 
 def evaluate(args) -> int:

@@ -17,15 +17,17 @@ from ..errors import HyperrealError
 from ..loading import BaseModel
 from ..methods import adapters, bridge, controlnet
 from ..training import TrainConfig
-from ..zerogpu import train_in_chunks
+from .. import zerogpu
 from .library import Library
 
 
 def loop_config(knobs: dict, lr: float) -> TrainConfig:
-    """The shared loop's settings from a Train panel's knobs (steps, batch size, samples every N steps)."""
+    """The shared loop's settings from a Train panel's knobs (steps, batch size, samples every N steps, memory)."""
     steps = int(knobs["steps"])
     cfg = TrainConfig(steps=steps, batch_size=int(knobs["batch_size"]), lr=float(lr),
-                      validate_every=int(knobs.get("sample_every") or 0), log_every=max(1, min(10, steps)))
+                      validate_every=int(knobs.get("sample_every") or 0), log_every=max(1, min(10, steps)),
+                      gradient_checkpointing=bool(knobs.get("gradient_checkpointing")),
+                      use_8bit_adam=bool(knobs.get("use_8bit_adam")))
     cfg.check()
     return cfg
 
@@ -47,14 +49,13 @@ def adapter_trainer(base: BaseModel, library: Library):
             trigger_token=bool(knobs.get("trigger_token", True)),
             class_prompts=[p.strip() for p in (knobs.get("class_prompt") or "").split("|") if p.strip()],
             class_images=int(knobs.get("class_images") or 0), repeats=int(knobs.get("repeats") or 0) or None,
-            prior_weight=adapters.DEFAULT_PRIOR_WEIGHT if knobs.get("prior_weight") is None
-            else float(knobs["prior_weight"]),
+            prior_weight=None if knobs.get("prior_weight") is None else float(knobs["prior_weight"]),
             flip=bool(knobs.get("flip")), caption_dropout=float(knobs.get("caption_dropout") or 0.0),
             name=knobs.get("name") or f"{kind}_adapter")
         services.check_adapter_request(req)
-        cfg = loop_config(knobs, knobs.get("lr") or adapters.KIND_DEFAULTS[kind]["lr"])
+        cfg = loop_config(knobs, knobs.get("lr") or services.train_settings(base, "adapter", kind)["lr"])
         report = services.train_adapter(base, req, cfg, library.folder("adapter", req.name), on_event=on_event,
-                                        cancel=cancel, drift_samples=4, runner=train_in_chunks)
+                                        cancel=cancel, drift_samples=4, runner=zerogpu.runner())
         if report.paths and kind != "full":
             library.add("adapter", f"{req.name} ({kind}, {time.strftime('%H:%M')})", report.paths[0])
         return report.paths
@@ -69,12 +70,11 @@ def controlnet_trainer(base: BaseModel, library: Library):
         name = _name(knobs, "controlnet")
         req = controlnet.TrainRequest(data=str(data), extractor=knobs["extractor"],
                                       canny_low=int(knobs["canny_low"]), canny_high=int(knobs["canny_high"]),
-                                      caption_dropout=float(knobs["caption_dropout"]),
-                                      gradient_checkpointing=bool(knobs.get("gradient_checkpointing")), name=name)
+                                      caption_dropout=float(knobs["caption_dropout"]), name=name)
         req.check()
         cfg = loop_config(knobs, knobs["lr"])
         report = services.train_controlnet(base, req, cfg, library.folder("controlnet", name), on_event=on_event,
-                                           cancel=cancel, runner=train_in_chunks)
+                                           cancel=cancel, runner=zerogpu.runner())
         folder = next((p for p in report.paths if p.is_dir()), None)
         if folder is not None:
             library.add("controlnet", f"{name} ({req.extractor}, {time.strftime('%H:%M')})", folder)
@@ -114,7 +114,7 @@ def bridge_trainer(base: BaseModel, library: Library):
         req.check()
         cfg = loop_config(knobs, knobs["lr"])
         report = services.train_bridge(base, req, cfg, library.folder("bridge", name), on_event=on_event,
-                                       cancel=cancel)
+                                       cancel=cancel, runner=zerogpu.runner())
         if report.paths:
             library.add("bridge", f"{name} ({mode}, {time.strftime('%H:%M')})", report.paths[0])
         return report.paths

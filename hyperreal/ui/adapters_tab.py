@@ -5,11 +5,8 @@ from typing import Callable
 
 import gradio as gr
 
-from ..methods.adapters import DEFAULT_BATCH, DEFAULT_PRIOR_WEIGHT, DEFAULT_RANK, DEFAULT_STEPS, KIND_DEFAULTS
+from ..methods.adapters import DEFAULT_RANK
 from .train_panel import build_train_panel
-
-# prior preservation is on by default here: keeping the base's knowledge is the point of an adapter
-DEFAULT_CLASS_IMAGES = 32
 
 SLOTS = 3
 WHAT = """**Frozen:** the whole base model (UNet, VAE, text encoder). **Learns:** small modules added beside its
@@ -25,22 +22,27 @@ PLACEMENTS = [("cross-attention keys/values only (Custom Diffusion)", "cross-att
               ("all of the above + ResNet convolutions", "all")]
 
 
-def effective_scale(kind: str, rank: float, alpha: float | None, preset: str, rslora: bool, lr: float | None) -> str:
+def effective_scale(kind: str, rank: float, alpha: float | None, preset: str, rslora: bool, lr: float | None,
+                    default_lr: float) -> str:
     """The factor the update is multiplied by, shown next to the learning rate (tools differ here)."""
     if kind == "oft":
         return "OFT is a rotation: no alpha/rank scale."
     if kind == "full":
-        return f"Full fine-tune: every UNet weight learns (lr default {KIND_DEFAULTS['full']['lr']:g})."
+        return f"Full fine-tune: every UNet weight learns (lr default {default_lr:g})."
     rank = max(int(rank or 1), 1)
     a = float(alpha) if alpha else (1.0 if preset == "kohya-like" else float(rank))
     scale = a / (rank ** 0.5 if rslora else rank)
     how = "alpha/√rank (rsLoRA)" if rslora else "alpha/rank"
     return (f"Effective scale **{scale:.4g}** = {how} with alpha {a:g}, rank {rank}; learning rate "
-            f"{lr or KIND_DEFAULTS.get(kind, KIND_DEFAULTS['lora'])['lr']:g}. kohya-like (alpha 1) needs a higher lr than diffusers-like (alpha = rank).")
+            f"{lr or default_lr:g}. kohya-like (alpha 1) needs a higher lr than diffusers-like (alpha = rank).")
 
 
-def build_adapters_tab(choices: Callable[[], list], start_training: Callable, default_caption: str) -> dict:
-    """``choices() -> [(label, value)]`` lists adapters; ``start_training`` is the Train panel's start."""
+def build_adapters_tab(choices: Callable[[], list], start_training: Callable, default_caption: str,
+                       settings: Callable[[str], dict], memory: Callable[[str], dict] | None = None) -> dict:
+    """``choices() -> [(label, value)]`` lists adapters; ``start_training`` is the Train panel's start;
+    ``settings(kind)`` is the base's recipe for a kind (steps, batch_size, lr, prior_weight, class_images,
+    sample_every); ``memory(vram)`` the VRAM preset's settings."""
+    start = settings("lora")
     slots = []
     with gr.Tab("Adapters", id="adapters"):
         gr.Markdown(WHAT)
@@ -70,12 +72,13 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                 alpha = gr.Number(label="Alpha (empty: from preset)", value=None)
                 rslora = gr.Checkbox(label="rsLoRA (alpha/√rank)")
             with gr.Row():
-                steps = gr.Slider(10, 5000, value=DEFAULT_STEPS, step=10, label="Steps")
-                batch = gr.Slider(1, 32, value=DEFAULT_BATCH, step=1, label="Batch size")
-                lr = gr.Number(label="Learning rate", value=KIND_DEFAULTS["lora"]["lr"])
-                sample_every = gr.Slider(0, 500, value=50, step=10, label="Samples every N steps (0: end only)")
-            scale = gr.Markdown(effective_scale("lora", DEFAULT_RANK, None, "diffusers-like", False,
-                                                 KIND_DEFAULTS["lora"]["lr"]))
+                steps = gr.Slider(10, 5000, value=start["steps"], step=10, label="Steps")
+                batch = gr.Slider(1, 32, value=start["batch_size"], step=1, label="Batch size")
+                lr = gr.Number(label="Learning rate", value=start["lr"])
+                sample_every = gr.Slider(0, 500, value=start["sample_every"], step=10,
+                                         label="Samples every N steps (0: end only)")
+            scale = gr.Markdown(effective_scale("lora", DEFAULT_RANK, None, "diffusers-like", False, start["lr"],
+                                                start["lr"]))
             with gr.Row():
                 trigger = gr.Textbox(label="Trigger phrase (added to captions lacking it)", value="sks")
                 repeats = gr.Slider(0, 20, value=0, step=1, label="Repeats (0: as many instance as class images)")
@@ -87,9 +90,10 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                 with gr.Row():
                     class_prompt = gr.Textbox(label="Class prompt(s), separated by |",
                                               placeholder="empty: your captions without the trigger", value="")
-                    class_images = gr.Slider(0, 200, value=DEFAULT_CLASS_IMAGES, step=1,
+                    # prior preservation is on by default here: keeping the base's knowledge is the point
+                    class_images = gr.Slider(0, 200, value=start["class_images"], step=1,
                                              label="Class images from the base (0: off)")
-                    prior_weight = gr.Number(label="Prior-loss weight", value=DEFAULT_PRIOR_WEIGHT, minimum=0)
+                    prior_weight = gr.Number(label="Prior-loss weight", value=start["prior_weight"], minimum=0)
                 with gr.Row():
                     train_te = gr.Dropdown(
                         ["auto", "on", "off"], value="auto", label="LoRA on the text encoder (not with full)",
@@ -100,9 +104,10 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                         value=True, label="New token for a trigger word the tokenizer splits (pivotal tuning)",
                         info="Its embedding trains with the adapter and is saved in the file; prompts without the "
                              "trigger are encoded exactly as by the base")
-            gr.on([c.change for c in (kind, rank, alpha, preset, rslora, lr)], effective_scale,
+            gr.on([c.change for c in (kind, rank, alpha, preset, rslora, lr)],
+                  lambda k, r, a, p, rs, lr_: effective_scale(k, r, a, p, rs, lr_, settings(k)["lr"]),
                   [kind, rank, alpha, preset, rslora, lr], scale, queue=False, api_name="adapter_effective_scale")
-            kind.change(lambda k: (KIND_DEFAULTS[k]["lr"], "auto" if k != "full" else "off"), kind, [lr, train_te],
+            kind.change(lambda k: (settings(k)["lr"], "auto" if k != "full" else "off"), kind, [lr, train_te],
                         queue=False, api_name="adapter_kind_defaults")
             return {"kind": kind, "placement": placement, "name": name, "rank": rank, "preset": preset,
                     "alpha": alpha, "rslora": rslora, "steps": steps, "batch_size": batch, "lr": lr,
@@ -111,7 +116,7 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                     "train_text_encoder": train_te, "text_encoder_lr": te_lr, "prior_weight": prior_weight,
                     "trigger_token": trigger_token}
 
-        panel = build_train_panel("adapter", knobs, start_training, default_caption)
+        panel = build_train_panel("adapter", knobs, start_training, default_caption, memory=memory)
         # a finished run appears in the slots' lists at once
         panel["done"].then(lambda: [gr.Dropdown(choices=choices()) for _ in range(SLOTS)], None,
                            [p for _, p, _ in slots], api_name="adapters_refresh_after_training", queue=False)

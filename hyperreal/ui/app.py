@@ -8,9 +8,9 @@ from typing import Callable
 import gradio as gr
 
 from ..errors import HyperrealError
+from .. import services
 from ..generation import GenerationJob, generate_to_folder, job_from_dict, parse_parameters
 from ..loading import BaseModel
-from ..methods.bridge import MODE_DEFAULTS as BRIDGE_DEFAULTS
 from ..settings import Settings
 from ..zerogpu import on_gpu
 from .actions import (adapter_trainer, bridge_trainer, condition_map, controlnet_job, controlnet_trainer,
@@ -50,7 +50,7 @@ class MethodInputs:
 
 
 def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
-    library = Library(settings)
+    library = Library(settings, base.name)
     methods: list[MethodInputs] = []
 
     @user_errors
@@ -106,19 +106,26 @@ def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
         return res.image, f"*{res.note}* (`{res.extractor}`)", save_map(settings, res.image)
 
     examples, caption = base.defaults["examples"], base.defaults["example_caption"]
+
+    def recipe(method):  # the base's recipe for a method variant, fitted to this machine's card
+        return lambda variant: services.train_settings(base, method, variant)
+
+    def memory(method):  # what a VRAM preset sets in the Train panel
+        return lambda vram: services.train_settings(base, method, None, vram)
     with gr.Blocks(title="hyperreal") as demo:
         gr.Markdown(INTRO.format(name=base.name))
         with gr.Tabs():
             gen_tab = build_generate_tab(generate, parse_parameters, base.defaults, examples)
-            ad = build_adapters_tab(lambda: library.choices("adapter"), adapter_trainer(base, library),
-                                    caption)
+            ad = build_adapters_tab(lambda: library.choices("adapter"), adapter_trainer(base, library), caption,
+                                    recipe("adapter"), memory("adapter"))
             methods.append(MethodInputs("adapters", ad["inputs"], adapters_job, adapters_restore))
             cn = build_controlnet_tab(controlnet_choices, preview, controlnet_trainer(base, library),
-                                      lambda: controlnet_train_knobs(base.defaults["controlnet_train"]), caption)
+                                      lambda: controlnet_train_knobs(recipe("controlnet")(None)), caption,
+                                      memory("controlnet"))
             methods.append(MethodInputs("controlnet", cn["inputs"], controlnet_to_job, keep(len(cn["inputs"]))))
             br = build_bridge_tab(lambda: library.choices("bridge"), bridge_trainer(base, library),
-                                  lambda: bridge_train_knobs(BRIDGE_DEFAULTS, base.defaults["world"] == "shapes"),
-                                  caption)
+                                  lambda: bridge_train_knobs(recipe("bridge"), base.defaults["world"] == "shapes"),
+                                  caption, memory("bridge"))
             methods.append(MethodInputs("bridge", br["inputs"], bridge_to_job, bridge_restore))
         cn["wire_preview"](gen_tab["width"], gen_tab["height"])
         gen_tab["connect"]([c for m in methods for c in m.components],

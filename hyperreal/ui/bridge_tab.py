@@ -15,7 +15,8 @@ encoder brings the words and phrasings the base never learned."""
 
 
 def build_bridge_tab(choices: Callable[[], list], start_training: Callable | None,
-                     train_knobs: Callable[[], dict] | None, default_caption: str) -> dict:
+                     train_knobs: Callable[[], dict] | None, default_caption: str,
+                     memory: Callable[[str], dict] | None = None) -> dict:
     with gr.Tab("Encoder bridge", id="bridge"):
         gr.Markdown(WHAT)
         with gr.Group():
@@ -30,14 +31,17 @@ def build_bridge_tab(choices: Callable[[], list], start_training: Callable | Non
         refresh.click(lambda: gr.Dropdown(choices=choices()), None, path, api_name="bridge_refresh", queue=False)
         panel = None
         if start_training is not None:
-            panel = build_train_panel("bridge", train_knobs, start_training, default_caption, data_optional=True)
+            panel = build_train_panel("bridge", train_knobs, start_training, default_caption, data_optional=True,
+                                      memory=memory)
             panel["done"].then(lambda: gr.Dropdown(choices=choices()), None, path,
                                api_name="bridge_refresh_after_training", queue=False)
     return {"inputs": [on, path, scale], "panel": panel}
 
 
-def bridge_train_knobs(defaults: dict, shapes_world: bool) -> dict:
-    """The bridge Train panel's knobs; ``defaults[mode]`` holds steps, batch_size and lr."""
+def bridge_train_knobs(settings: Callable[[str], dict], shapes_world: bool) -> dict:
+    """The bridge Train panel's knobs; ``settings(mode)`` is the base's recipe (steps, batch_size, lr,
+    sample_every)."""
+    fuse = settings("fuse")
     sources = [("The uploaded captioned images above", "uploaded"), ("Captions typed below (swap mode)", "captions")]
     if shapes_world:
         sources.insert(0, ("The shapes world's captions (tiny base)", "shapes"))
@@ -49,16 +53,17 @@ def bridge_train_knobs(defaults: dict, shapes_world: bool) -> dict:
         name = gr.Textbox(label="Name", value="my_bridge")
     captions = gr.Textbox(label="Captions, one per line", lines=4, visible=False)
     with gr.Row():
-        steps = gr.Slider(10, 5000, value=defaults["fuse"]["steps"], step=10, label="Steps")
-        batch = gr.Slider(1, 256, value=defaults["fuse"]["batch_size"], step=1, label="Batch size")
-        lr = gr.Number(label="Learning rate", value=defaults["fuse"]["lr"])
+        steps = gr.Slider(10, 5000, value=fuse["steps"], step=10, label="Steps")
+        batch = gr.Slider(1, 256, value=fuse["batch_size"], step=1, label="Batch size")
+        lr = gr.Number(label="Learning rate", value=fuse["lr"])
         lora = gr.Slider(0, 64, value=0, step=1, label="LoRA rank on the extra encoder (0: off)")
         diffusion = gr.Slider(0, 2000, value=0, step=10, label="swap: diffusion-loss steps after distillation",
                               visible=False)
-        sample_every = gr.Slider(0, 1000, value=100, step=10, label="Samples every N steps (0: end only)")
+        sample_every = gr.Slider(0, 1000, value=fuse["sample_every"], step=10,
+                                 label="Samples every N steps (0: end only)")
 
     def mode_changed(m):
-        d = defaults[m]
+        d = settings(m)
         return d["steps"], d["batch_size"], d["lr"], gr.Slider(visible=m == "swap")
 
     mode.change(mode_changed, mode, [steps, batch, lr, diffusion], queue=False, api_name="bridge_mode_defaults")

@@ -22,7 +22,8 @@ HELP = """Each unit conditions Generate on one map: **weight** 0–2 is how stro
 
 
 def build_controlnet_tab(choices: Callable[[], list], preview: Callable, start_training: Callable | None,
-                         train_knobs: Callable[[], dict] | None, default_caption: str) -> dict:
+                         train_knobs: Callable[[], dict] | None, default_caption: str,
+                         memory: Callable[[str], dict] | None = None) -> dict:
     """``preview(source, image, sketch, low, high, resize, width, height) -> (map, note, map file)``."""
     units = []
     with gr.Tab("ControlNet", id="controlnet"):
@@ -64,7 +65,7 @@ def build_controlnet_tab(choices: Callable[[], list], preview: Callable, start_t
         size_inputs: list = []  # Generate's width/height, wired by the app (the preview is made at that size)
         panel = None
         if start_training is not None:
-            panel = build_train_panel("controlnet", train_knobs, start_training, default_caption)
+            panel = build_train_panel("controlnet", train_knobs, start_training, default_caption, memory=memory)
             panel["done"].then(lambda: [gr.Dropdown(choices=choices()) for _ in range(UNITS)], None,
                                [u["components"][1] for u in units], api_name="controlnet_refresh_after_training",
                                queue=False)
@@ -97,10 +98,8 @@ def controlnet_train_knobs(defaults: dict) -> dict:
         dropout = gr.Slider(0, 0.9, value=0.5, step=0.05, label="Caption dropout (paper: 0.5)")
         sample_every = gr.Slider(0, 1000, value=defaults.get("sample_every", 50), step=10,
                                  label="Samples every N steps (0: end only)")
-        checkpointing = gr.Checkbox(label="Gradient checkpointing (less memory, slower)")
     return {"extractor": extractor, "canny_low": low, "canny_high": high, "name": name, "steps": steps,
-            "batch_size": batch, "lr": lr, "caption_dropout": dropout, "sample_every": sample_every,
-            "gradient_checkpointing": checkpointing}
+            "batch_size": batch, "lr": lr, "caption_dropout": dropout, "sample_every": sample_every}
 
 
 def units_from_inputs(values: list) -> tuple[bool, list[dict]]:

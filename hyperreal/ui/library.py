@@ -15,9 +15,11 @@ from ..sources import is_hub_id
 
 @dataclass
 class Library:
-    """Artifacts a person can pick: embedded ones by name, and those trained into the outputs folder."""
+    """Artifacts a person can pick: embedded ones made for this base, by name, and those trained into the outputs
+    folder (on this base)."""
 
     settings: Settings
+    base_name: str | None = None  # None: every embedded artifact
     trained: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # kind -> [(label, path)]
 
     def folder(self, method: str, name: str) -> Path:
@@ -31,7 +33,7 @@ class Library:
     def choices(self, kind: str) -> list[tuple[str, str]]:
         emb = []
         for a in embedded_artifacts():
-            if a.kind != kind:
+            if a.kind != kind or (self.base_name is not None and a.info.get("base") != self.base_name):
                 continue
             # an artifact holding several files (tiny-bridge: swap and fuse) offers each as NAME:VARIANT
             files, default = a.info.get("files") or {}, a.info.get("default")

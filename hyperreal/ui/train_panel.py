@@ -98,9 +98,36 @@ def dataset_from_table(table, workdir: Path) -> Path:
     return write_examples(folder, items)
 
 
+VRAM_CHOICES = [("auto (this machine's card)", "auto"), ("8 GB", "8"), ("12 GB", "12"), ("16 GB", "16"),
+                ("24 GB or more", "24")]
+
+
+def memory_knobs(knobs: dict, memory: Callable[[str], dict], api: str) -> dict:
+    """The VRAM preset and what it sets: gradient checkpointing, 8-bit Adam and the batch size's cap."""
+    start = memory("auto")
+    with gr.Accordion("Memory (GPU)", open=False):
+        with gr.Row():
+            vram = gr.Dropdown(VRAM_CHOICES, value="auto", label="VRAM preset",
+                               info="sets the two below and caps the batch size; an out-of-memory error names "
+                                    "the preset to pick")
+            checkpointing = gr.Checkbox(value=start["gradient_checkpointing"],
+                                        label="Gradient checkpointing (less memory, slower)")
+            adam8 = gr.Checkbox(value=start["use_8bit_adam"], label="8-bit Adam (bitsandbytes, CUDA)")
+    outputs = [checkpointing, adam8] + ([knobs["batch_size"]] if "batch_size" in knobs else [])
+
+    def chosen(v):
+        m = memory(v)
+        return [m["gradient_checkpointing"], m["use_8bit_adam"]] + ([m["batch_size"]] if len(outputs) > 2 else [])
+
+    vram.change(chosen, vram, outputs, queue=False, api_name=f"{api}_vram_preset")
+    return {"vram": vram, "gradient_checkpointing": checkpointing, "use_8bit_adam": adam8}
+
+
 def build_train_panel(method: str, build_knobs: Callable[[], dict], start: Callable, default_caption: str,
-                      api_prefix: str = "", data_optional: bool = False) -> dict:
-    """Builds the panel inside the current tab; returns its components (for tests and wiring)."""
+                      api_prefix: str = "", data_optional: bool = False,
+                      memory: Callable[[str], dict] | None = None) -> dict:
+    """Builds the panel inside the current tab; returns its components (for tests and wiring). ``memory(vram)``
+    gives the VRAM preset's settings (services.train_settings); with it the panel has a Memory row."""
     api = api_prefix or method.lower().replace(" ", "_")
     workroot = Path(tempfile.mkdtemp(prefix=f"hyperreal-{api}-"))
 
@@ -119,6 +146,8 @@ def build_train_panel(method: str, build_knobs: Callable[[], dict], start: Calla
         table = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], interactive=True,
                              label="Captions (editable)", column_count=2, wrap=True)
         knobs = build_knobs()
+        if memory is not None:
+            knobs.update(memory_knobs(knobs, memory, api))
         names = list(knobs)
         with gr.Row():
             go = gr.Button(f"Train {method}", variant="primary")

@@ -142,53 +142,75 @@ def test_job_failure_is_one_message(tmp_path):
         list(job.events(timeout=10))
 
 
-class SlowLineFit(LineFit):
+class Broken(LineFit):
+    """LineFit whose loss fails at a given step: NaN, or a CUDA-style out-of-memory error."""
+
+    def __init__(self, at: int, what: str):
+        super().__init__()
+        self.at, self.what = at, what
+
     def loss(self, batch):
-        import time
+        loss = super().loss(batch)
+        if self.steps_seen == self.at:
+            if self.what == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return loss * float("nan")
+        return loss
 
-        time.sleep(0.01)
-        return super().loss(batch)
+
+def test_a_nan_loss_stops_with_the_last_good_checkpoint(tmp_path):
+    m = Broken(at=4, what="nan")
+    with pytest.raises(HyperrealError, match="last good weights") as err:
+        train(m, TrainConfig(steps=10, batch_size=4, lr=1e-2, log_every=1), tmp_path)
+    assert "--resume" in str(err.value)
+    ck = latest_checkpoint(tmp_path)
+    assert ck is not None and ck.name == "step-3"  # three steps were applied; the fourth loss was NaN
+    weights = load_file(ck / "learner.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    # and the run continues from there
+    paths = train(LineFit(), TrainConfig(steps=5, batch_size=4, lr=1e-2, log_every=1), tmp_path, resume=True)
+    assert paths and latest_checkpoint(tmp_path).name == "step-5"
 
 
-def test_zerogpu_trains_in_chunks_that_resume(tmp_path, monkeypatch):
-    """With a `spaces` package present, training runs as several GPU calls, each resuming the last checkpoint."""
-    import sys
-    import types
+def test_out_of_memory_names_the_vram_preset_to_pick(tmp_path):
+    with pytest.raises(HyperrealError) as err:
+        train(Broken(at=2, what="oom"), TrainConfig(steps=5, batch_size=8, lr=1e-2), tmp_path)
+    text = str(err.value)
+    assert "ran out of memory" in text and "--vram 8" in text and "batch 1" in text and "gradient checkpointing" in text
 
-    from hyperreal import zerogpu
 
-    calls = []
-
-    def GPU(duration):
-        def deco(fn):
-            def run(*a, **k):
-                calls.append(duration)
-                return fn(*a, **k)
-            return run
-        return deco
-
-    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=GPU))
+def test_start_event_says_what_runs_and_precision_can_change_between_runs(tmp_path):
     events = []
-    learner = SlowLineFit()
-    w0 = learner.learn.weight.item()
-    cfg = TrainConfig(steps=60, batch_size=8, lr=0.05, log_every=10)
-    paths = zerogpu.train_in_chunks(learner, cfg, tmp_path, on_event=events.append, chunk_seconds=0.15)
-    assert len(calls) >= 2 and all(d == 15 for d in calls)  # int(0.15) + 15
-    kinds = [e.kind for e in events]
-    assert kinds[-1] == "done" and "cancelled" not in kinds and kinds.count("start") == 1
-    assert any("GPU chunk ended" in e.message for e in events)
-    assert int(latest_checkpoint(tmp_path).name.split("-")[1]) == 60
-    assert paths and abs(learner.learn.weight.item() - 3) < abs(w0 - 3) - 0.5  # learning carried across chunks
+    # a bf16 run (the CPU's half precision), then a full-precision one, then bf16 again, in one process
+    for i, precision in enumerate(("bf16", "no", "bf16")):
+        train(LineFit(), TrainConfig(steps=2, batch_size=4, lr=1e-2, mixed_precision=precision, use_8bit_adam=True,
+                                     log_every=1), tmp_path / str(i), events.append)
+    starts = [e.message for e in events if e.kind == "start"]
+    assert "bf16 mixed precision" in starts[0] and "full precision" in starts[1] and "bf16" in starts[2]
+    assert all("8-bit Adam was asked for, but it runs on CUDA GPUs only" in s for s in starts)
+    with pytest.raises(HyperrealError, match="fp16 needs a CUDA GPU"):
+        train(LineFit(), TrainConfig(steps=1, batch_size=4, mixed_precision="fp16"), tmp_path / "x")
 
 
-def test_without_spaces_it_is_one_plain_call(tmp_path, monkeypatch):
-    import sys
+def test_gradient_checkpointing_is_switched_on_for_the_run_and_back_off(tmp_path):
+    class Flagged:
+        is_gradient_checkpointing = False
 
-    from hyperreal import zerogpu
+        def enable_gradient_checkpointing(self):
+            self.is_gradient_checkpointing = True
 
-    monkeypatch.setitem(sys.modules, "spaces", None)  # import fails
-    assert zerogpu.on_gpu(30)(len) is len
-    events = []
-    zerogpu.train_in_chunks(LineFit(), TrainConfig(steps=5, batch_size=4, lr=0.05, log_every=5), tmp_path,
-                            on_event=events.append)
-    assert [e.kind for e in events].count("start") == 1 and events[-1].kind == "done"
+        def disable_gradient_checkpointing(self):
+            self.is_gradient_checkpointing = False
+
+    seen, module = [], Flagged()
+
+    class Checkpointed(LineFit):
+        def checkpointing_modules(self):
+            return [module]
+
+        def loss(self, batch):
+            seen.append(module.is_gradient_checkpointing)
+            return super().loss(batch)
+
+    train(Checkpointed(), TrainConfig(steps=2, batch_size=4, gradient_checkpointing=True), tmp_path)
+    assert seen == [True, True] and not module.is_gradient_checkpointing

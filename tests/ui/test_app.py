@@ -81,7 +81,7 @@ def adapter_knobs(steps, **over):
     k = dict(kind="lora", placement="attention+ff", name="app_lora", rank=4, preset="diffusers-like", alpha=None,
              rslora=False, steps=steps, batch_size=2, lr=1e-3, sample_every=5, trigger="sks", repeats=1, flip=False,
              caption_dropout=0.0, class_prompt="", class_images=0, train_text_encoder="off", text_encoder_lr=None,
-             prior_weight=10.0, trigger_token=True)
+             prior_weight=10.0, trigger_token=True, vram="auto", gradient_checkpointing=False, use_8bit_adam=False)
     k.update(over)
     return list(k.values())
 
@@ -201,7 +201,7 @@ def test_train_controlnet_then_use_it_with_a_previewed_map(app_url, scene_files)
     url, settings = app_url
     client = Client(url, verbose=False)
     table = client.predict([handle_file(str(f)) for f in scene_files], "a red circle", api_name="/controlnet_load_data")
-    knobs = ["canny", 100, 200, "app_cn", 10, 2, 1e-4, 0.5, 5, False]
+    knobs = ["canny", 100, 200, "app_cn", 10, 2, 1e-4, 0.5, 5, "auto", False, False]
     job = client.submit(table, *knobs, api_name="/train_controlnet")
     final = job.result(timeout=600)
     statuses = [o[0] for o in job.outputs()]
@@ -239,7 +239,7 @@ def test_train_bridge_then_use_it(app_url):
 
     url, settings = app_url
     client = Client(url, verbose=False)
-    knobs = ["swap", "shapes", "", "app_bridge", "", 10, 2, 1e-3, 0, 0, 5]  # distillation: captions only
+    knobs = ["swap", "shapes", "", "app_bridge", "", 10, 2, 1e-3, 0, 0, 5, "auto", False, False]  # captions only
     job = client.submit({"headers": ["image", "caption"], "data": []}, *knobs, api_name="/train_bridge")
     final = job.result(timeout=600)
     statuses = [o[0] for o in job.outputs()]

@@ -21,21 +21,16 @@ from ...datasets import IMAGE_SUFFIXES, encode_images, encode_prompts, image_ten
 from ...errors import HyperrealError
 from ...loading import plain
 from ...pipelines import generate_images
-from ...training import DenoisingObjective
+from ...training import BesideTheBase, DenoisingObjective
+from ...training.memory import autocast_for, check_resolution
 from ...training.sampling import EpochQueue, drop_captions, noise_and_timesteps
 from .files import safe_name, save_adapter
 from .runtime import activate, adapters_disabled
-from .spec import AdapterSpec, adapter_parameters, attach, loaded, sync_tokens
+from .spec import KINDS, AdapterSpec, adapter_parameters, attach, loaded, sync_tokens
 from .tokens import initial_token_vectors, set_tokens, split_trigger_words
 
-# defaults per kind, chosen on the shapes-world star task (see ``eval adapter``): the full fine-tune uses a
-# typical full-model rate; adapters tolerate (and need) a higher one
-KIND_DEFAULTS = {"lora": {"lr": 1e-3}, "dora": {"lr": 1e-3}, "loha": {"lr": 1e-3}, "lokr": {"lr": 1e-3},
-                 "oft": {"lr": 1e-3}, "full": {"lr": 1e-4}}
-DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_RANK = 2000, 8, 8
-# chosen on the star task (README: Adapters): with a text-encoder LoRA, from 3 to 10 drift fell and stars rose and
-# at 20 stars fell; with a trigger token instead, 15 kept the stars (93.8%) and brought accuracy within 5 points
-DEFAULT_PRIOR_WEIGHT = 15.0
+KINDS_AND_FULL = KINDS + ("full",)  # "full": the whole-UNet fine-tune, for comparison
+DEFAULT_RANK = 8
 PRIOR_TARGETS = ("base", "noise")
 
 
@@ -58,7 +53,7 @@ class TrainRequest:
     trigger_token: bool = True
     class_prompts: list[str] = field(default_factory=list)
     class_images: int = 0
-    prior_weight: float = DEFAULT_PRIOR_WEIGHT
+    prior_weight: float | None = None  # None: the base's recipe (its defaults' adapter_train)
     # None: balance the class images (class images / instance images per epoch, as the star recipe does), else 1
     repeats: int | None = None
     flip: bool = False
@@ -66,6 +61,7 @@ class TrainRequest:
     prior_uncond: float = 0.2  # share of class images trained with the empty prompt (anchors guidance)
     prior_target: str = "base"  # class images' target: the frozen base's own prediction, or "noise" (DreamBooth)
     sample_prompts: list[str] = field(default_factory=list)
+    resolution: int | None = None  # training images' side in pixels (None: the base's default size)
     name: str = "adapter"
     seed: int = 0
 
@@ -85,8 +81,10 @@ def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = N
         req.spec().check()
     elif req.adapts_text_encoder:
         raise HyperrealError("--kind full fine-tunes the UNet only; drop --train-text-encoder")
+    check_resolution(req.resolution)
     instances = instance_examples(req.data, req.trigger)
     steps, guidance = base.defaults["steps"], base.defaults["guidance"]
+    size = (req.resolution, req.resolution) if req.resolution else (base.defaults["width"], base.defaults["height"])
     name = safe_name(req.name)
     words = []
     if req.kind != "full" and req.trigger_token:
@@ -98,21 +96,23 @@ def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = N
     if req.class_images:
         prompts = req.class_prompts or class_prompts_for(instances, req.trigger)
         classes = class_images(base.pipe, prompts, req.class_images, Path(out) / "class_images",
-                               steps, guidance, seed=req.seed)
+                               steps, guidance, seed=req.seed, size=size)
     repeats = req.repeats if req.repeats is not None else balanced_repeats(len(instances), len(classes))
+    prior_weight = base.defaults["adapter_train"]["prior_weight"] if req.prior_weight is None else req.prior_weight
     tokens = initial_token_vectors(base.pipe, words)
     if tokens:  # in the tokenizer before the captions are tokenized
         set_tokens(base.pipe, {w: (name, v) for w, v in tokens.items()})
     sample = dict(sample_prompts=req.sample_prompts or None, sample_steps=steps, sample_guidance=guidance,
-                  sample_seed=req.seed, prior_target=req.prior_target)
+                  sample_seed=req.seed, sample_size=(base.defaults["width"], base.defaults["height"]),
+                  prior_target=req.prior_target)
     info = {"base": base.name, "trigger": req.trigger, "images": len(instances), "class_images": len(classes),
-            "repeats": repeats, "prior_weight": req.prior_weight if classes else 0.0,
-            "resolution": f"{base.defaults['width']}x{base.defaults['height']}", "file_name": name,
+            "repeats": repeats, "prior_weight": prior_weight if classes else 0.0,
+            "resolution": f"{size[0]}x{size[1]}", "file_name": name,
             "trigger_tokens": words, **(info or {})}
     try:
-        data = DreamBoothData(base.pipe, instances, classes, req.prior_weight, repeats, req.flip,
+        data = DreamBoothData(base.pipe, instances, classes, prior_weight, repeats, req.flip,
                               req.caption_dropout, cache_text=not (req.adapts_text_encoder or tokens),
-                              prior_uncond=req.prior_uncond, size=(base.defaults["width"], base.defaults["height"]))
+                              prior_uncond=req.prior_uncond, size=size)
         if req.kind == "full":
             return FullFineTune(base.pipe, data, info=info, **sample)
         return AdapterLearner(base.pipe, data, req.spec(), name=name, text_encoder_lr=req.text_encoder_lr,
@@ -180,10 +180,10 @@ class DreamBoothData:
         classes = classes or []
         width, height = size or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
         items = list(instances) + list(classes)
-        tensors = [image_tensor(img, width, height) for img, _ in items]
-        self.latents = encode_images(pipe.vae, tensors)
+        self.latents = encode_images(pipe.vae, (image_tensor(img, width, height) for img, _ in items))
         # flipped copies are encoded too: flipping a latent is not the latent of the flipped image
-        self.flipped = encode_images(pipe.vae, [t.flip(-1) for t in tensors]) if flip else None
+        self.flipped = (encode_images(pipe.vae, (image_tensor(img, width, height).flip(-1) for img, _ in items))
+                        if flip else None)
         self.n_instances, self.repeats, self.caption_dropout = len(instances), repeats, caption_dropout
         # class images also teach the empty prompt now and then: classifier-free guidance subtracts the empty
         # prompt's prediction from every prompt's, so an adapter that moves it moves every image (measured on
@@ -226,7 +226,7 @@ class DreamBoothData:
 
 
 def class_images(pipe, prompts: list[str], count: int, folder: Path, steps: int, guidance: float,
-                 seed: int = 0) -> list[tuple[object, str]]:
+                 seed: int = 0, size: tuple[int, int] | None = None) -> list[tuple[object, str]]:
     """Prior-preservation images from the frozen base, cached in ``folder`` (reused when the prompts match)."""
     if count < 1 or not prompts:
         return []
@@ -237,14 +237,19 @@ def class_images(pipe, prompts: list[str], count: int, folder: Path, steps: int,
         if [r["text"] for r in rows] == wanted:
             return [(Image.open(folder / r["file_name"]).convert("RGB"), r["text"]) for r in rows]
     with adapters_disabled(pipe):
-        images = generate_images(pipe, [(p, seed + i) for i, p in enumerate(wanted)], steps, guidance)
+        images = generate_images(pipe, [(p, seed + i) for i, p in enumerate(wanted)], steps, guidance,
+                                 **_size(size))
     write_examples(folder, list(zip(images, wanted)), prefix="class")
     return list(zip(images, wanted))
 
 
 # --- the learners -------------------------------------------------------------------------------------------
 
-class _DiffusionLearner:
+def _size(size: tuple[int, int] | None) -> dict:
+    return {"width": size[0], "height": size[1]} if size else {}
+
+
+class _DiffusionLearner(BesideTheBase):
     """What adapter training and full fine-tuning share: the denoising loss and fixed-seed samples."""
 
     unet: torch.nn.Module
@@ -252,15 +257,21 @@ class _DiffusionLearner:
 
     def __init__(self, pipe, data: DreamBoothData, sample_prompts: list[str] | None = None,
                  sample_steps: int = 20, sample_guidance: float = 5.0, sample_seed: int = 0,
-                 prior_target: str = "base"):
+                 sample_size: tuple[int, int] | None = None, prior_target: str = "base"):
         if prior_target not in PRIOR_TARGETS:
             raise HyperrealError(f"prior target must be one of {', '.join(PRIOR_TARGETS)}, got {prior_target!r}")
         self.pipe, self.data, self.prior_target = pipe, data, prior_target
         self.objective = DenoisingObjective(pipe.scheduler.config)
         self.sample_prompts = sample_prompts or data.captions[:2]
         self.sample_steps, self.sample_guidance, self.sample_seed = sample_steps, sample_guidance, sample_seed
+        self.sample_size = sample_size
         self.text_encoder = pipe.text_encoder
         self.steps_done = 0
+
+    method = "adapter"  # its VRAM presets (training.memory)
+
+    def checkpointing_modules(self) -> list:
+        return [self.unet]
 
     def batches(self, batch_size: int, seed: int) -> Iterator:
         return self.data.batches(batch_size, seed, self.objective.num_train_timesteps)
@@ -282,7 +293,8 @@ class _DiffusionLearner:
             sel = is_class.to(dev)
             with torch.no_grad(), self.base_only():
                 base_cond = cond[sel] if self.data.cache_text else self.pipe.text_encoder(batch["text"].to(dev)[sel])[0]
-                base_pred = self.pipe.unet(noisy[sel].to(dtype), t[sel], base_cond.to(dtype)).sample.float()
+                base_dtype = self.base_dtype  # a full fine-tune's copy is fp32; the frozen base may be half
+                base_pred = self.pipe.unet(noisy[sel].to(base_dtype), t[sel], base_cond.to(base_dtype)).sample.float()
             target = target.clone()
             target[sel] = base_pred
         return self.objective.loss(pred, target, batch["weights"])
@@ -290,7 +302,8 @@ class _DiffusionLearner:
     def validate(self) -> tuple[list, list[str]]:
         """Fixed seeds through the inference pipeline and scheduler, so samples match what generation gives."""
         pairs = [(p, self.sample_seed + i) for i, p in enumerate(self.sample_prompts)]
-        images = generate_images(self.sample_pipe, pairs, self.sample_steps, self.sample_guidance)
+        images = generate_images(self.sample_pipe, pairs, self.sample_steps, self.sample_guidance,
+                                 **_size(self.sample_size))
         return images, [f"{p} (seed {s})" for p, s in pairs]
 
     def after_step(self, step: int) -> None:
@@ -421,10 +434,12 @@ def mean_abs_difference(a, b) -> float:
 
 def drift(learner, pairs: list[tuple[str, int]], steps: int, guidance: float, base_images=None) -> dict:
     """How far the adapted model's images for prompts without the trigger moved from the base's (same seeds)."""
-    if base_images is None:
-        with learner.base_only() as base_pipe:
-            base_images = generate_images(base_pipe, pairs, steps, guidance)
-    adapted = generate_images(learner.sample_pipe, pairs, steps, guidance)
+    size = _size(learner.sample_size)
+    with autocast_for(learner.base_dtype, learner.device):  # a full fine-tune's fp32 copy beside a half base
+        if base_images is None:
+            with learner.base_only() as base_pipe:
+                base_images = generate_images(base_pipe, pairs, steps, guidance, **size)
+        adapted = generate_images(learner.sample_pipe, pairs, steps, guidance, **size)
     return {"drift": mean_abs_difference(adapted, base_images), "n": len(pairs), "images": adapted,
             "base_images": base_images}
 

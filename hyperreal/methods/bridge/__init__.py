@@ -5,9 +5,10 @@ from .encoders import TextEncoder, encoder_lora_state, resolve_encoder
 from .files import load_bridge, read_header, resolve_bridge_path, save_bridge
 from .runtime import FuseAttnProcessor, check_job_bridge, generate, get_bridge, get_encoder
 from .spec import MODES, WHAT_LEARNS, Bridge, BridgeSpec, LoadedBridge, new_spec
-from .train import MODE_DEFAULTS, BridgeData, TrainRequest, make_learners, read_captions, run_training
+from .train import (BridgeData, TrainRequest, close, make_learners, read_captions, record_training_time,
+                    run_training, train_stages)
 
-__all__ = ["MODES", "MODE_DEFAULTS", "WHAT_LEARNS", "Bridge", "BridgeData", "BridgeSpec", "FuseAttnProcessor",
-           "LoadedBridge", "TextEncoder", "TrainRequest", "check_job_bridge", "encoder_lora_state", "generate",
+__all__ = ["MODES", "WHAT_LEARNS", "Bridge", "BridgeData", "BridgeSpec", "FuseAttnProcessor",
+           "LoadedBridge", "TextEncoder", "TrainRequest", "close", "record_training_time", "train_stages", "check_job_bridge", "encoder_lora_state", "generate",
            "get_bridge", "get_encoder", "load_bridge", "make_learners", "new_spec", "read_captions", "read_header",
            "resolve_bridge_path", "resolve_encoder", "run_training", "save_bridge"]

@@ -199,10 +199,10 @@ def apply_job_bridge(base, value: dict | None, call):
 
 
 def generate(pipe, lb: LoadedBridge | None, pairs: list[tuple[str, int]], steps: int, guidance: float,
-             scale: float = 1.0, batch: int = 16) -> list:
+             scale: float = 1.0, batch: int = 16, **size) -> list:
     """Images for (prompt, seed) pairs with the bridge (``lb=None``: the base alone), seeds as in jobs."""
     edit = None if lb is None else (lambda call, first, last: bridged(call, lb, scale))
-    return generate_images(pipe, pairs, steps, guidance, batch, edit=edit)
+    return generate_images(pipe, pairs, steps, guidance, batch, edit=edit, **size)
 
 
 JOB = JobKey("bridge", check_job_bridge, apply_job_bridge)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import random
 import re
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -19,7 +18,8 @@ from PIL import Image
 from ... import training
 from ...datasets import encode_images, encode_prompts, image_tensor, load_examples
 from ...errors import HyperrealError
-from ...training import DenoisingObjective
+from ...training import BesideTheBase, DenoisingObjective
+from ...training.memory import check_resolution
 from ...training.sampling import noise_and_timesteps
 from .encoders import TextEncoder, add_encoder_lora, default_encoder, encoder_lora_state
 from .files import save_bridge
@@ -60,7 +60,7 @@ def read_captions(data: str) -> BridgeData:
 
 # --- learners --------------------------------------------------------------------------------------------------
 
-class _BridgeLearner:
+class _BridgeLearner(BesideTheBase):
     """What both stages share: the bridge, its encoder (+LoRA), the trainable set, state and the saved file."""
 
     def __init__(self, base, lb: LoadedBridge, out_file: Path, captions: list[str],
@@ -71,6 +71,8 @@ class _BridgeLearner:
         self.sample_prompts, self.info = sample_prompts, info
         self.lora_params = lora_params or []
         self.steps_done = 0
+
+    method = "bridge"  # its VRAM presets (training.memory)
 
     def trainable_parameters(self) -> list:
         groups = [{"params": [p for p in self.lb.bridge.parameters() if p.requires_grad]}]
@@ -114,7 +116,8 @@ class _BridgeLearner:
         self.lb.bridge.eval()
         pairs = [(p, i) for i, p in enumerate(self.sample_prompts)]
         try:
-            images = generate(self.pipe, self.lb, pairs, d["steps"], d["guidance"])
+            images = generate(self.pipe, self.lb, pairs, d["steps"], d["guidance"], width=d["width"],
+                              height=d["height"])
         finally:
             self.lb.bridge.train()
         return images, [f"{p} (seed {s})" for p, s in pairs]
@@ -161,7 +164,11 @@ class DiffusionLearner(_BridgeLearner):
             self._stack.enter_context(fuse_installed(self.pipe.unet, self.lb.bridge, self.state_))
 
     def close(self) -> None:
+        self.state_.clear()
         self._stack.close()
+
+    def checkpointing_modules(self) -> list:
+        return [self.pipe.unet]
 
     def batches(self, batch_size: int, seed: int) -> Iterator:
         rng = random.Random(seed)
@@ -193,11 +200,10 @@ class DiffusionLearner(_BridgeLearner):
                                       max_length=self.pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
             with torch.no_grad():
                 cond = self.pipe.text_encoder(ids.to(dev))[0].to(dtype)
+            # kept set after the forward: gradient checkpointing runs the processors again in the backward pass
+            # (the next loss call replaces them; close() clears them)
             self.state_.set(tokens, mask)
-        try:
-            pred = unet(noisy.to(dtype), t, cond).sample.float()
-        finally:
-            self.state_.clear()
+        pred = unet(noisy.to(dtype), t, cond).sample.float()
         return self.objective.loss(pred, self.objective.target(latents, noise, t))
 
     def validate(self) -> tuple[list, list[str]]:
@@ -218,10 +224,6 @@ class DiffusionLearner(_BridgeLearner):
 
 # --- one training run ----------------------------------------------------------------------------------------
 
-MODE_DEFAULTS = {"swap": {"steps": 2000, "batch_size": 64, "lr": 1e-3},
-                 "fuse": {"steps": 2000, "batch_size": 16, "lr": 1e-3}}
-
-
 @dataclass
 class TrainRequest:
     data: str  # what it trains on, as given (a captions .txt, a dataset folder/.zip, or a named dataset)
@@ -235,6 +237,7 @@ class TrainRequest:
     diffusion_steps: int = 0  # swap: the optional second stage with the diffusion loss
     base_dropout: float = 0.5  # fuse: how often the base text encoder sees an empty prompt
     paraphrase: bool = True  # also train on other phrasings of the captions, where the data has a way to make them
+    resolution: int | None = None  # images' side in pixels for the diffusion loss (None: the base's default size)
     sample_prompts: list[str] = field(default_factory=list)
     name: str = "bridge"
     seed: int = 0
@@ -251,18 +254,22 @@ class TrainRequest:
             raise HyperrealError(f"--base-dropout must be in [0, 1), got {self.base_dropout}")
         if not re.fullmatch(r"[\w.-]+", self.name):
             raise HyperrealError(f"--name may hold letters, digits, '.', '-' and '_' only, got {self.name!r}")
+        check_resolution(self.resolution)
 
 
 def _latents(base, req: TrainRequest, data: BridgeData) -> tuple[torch.Tensor, list[str]]:
     if data.images is None:
         raise HyperrealError(f"{req.mode} training with the diffusion loss needs images: give a dataset folder "
                              "(metadata.jsonl or NAME.txt captions) or a named dataset with images")
-    w, h = base.defaults["width"], base.defaults["height"]
-    imgs, caps = [], []
-    for image, caption in data.images():
-        imgs.append(image_tensor(image, w, h))
-        caps.append(caption)
-    return encode_images(base.pipe.vae, imgs), caps
+    w, h = (req.resolution,) * 2 if req.resolution else (base.defaults["width"], base.defaults["height"])
+    caps: list[str] = []
+
+    def tensors():  # streamed: only the latents are kept for the whole dataset
+        for image, caption in data.images():
+            caps.append(caption)
+            yield image_tensor(image, w, h)
+
+    return encode_images(base.pipe.vae, tensors()), caps
 
 
 def make_learners(base, req: TrainRequest, out: str | Path, data: BridgeData | None = None,
@@ -294,36 +301,50 @@ def make_learners(base, req: TrainRequest, out: str | Path, data: BridgeData | N
     return stages
 
 
+def train_stages(base, req: TrainRequest, cfg, out: str | Path, stages: list[tuple[str, object]], on_event=None,
+                 cancel=None, resume: bool = False) -> list[Path]:
+    """Each stage through ``training.train`` (checkpoints under OUT/<stage>); returns the bridge file. ``cfg`` is the
+    first stage's TrainConfig; swap's diffusion stage reuses it with ``req.diffusion_steps`` steps and the base's
+    fuse batch size."""
+    out, paths = Path(out), []
+    cancel = cancel or training.CancelToken()
+    for i, (name, learner) in enumerate(stages):
+        scfg = cfg if i == 0 else replace(cfg, steps=req.diffusion_steps,
+                                          batch_size=base.defaults["bridge_train"]["fuse"]["batch_size"])
+
+        def emit(e, name=name):
+            if on_event:
+                e.message = f"[{name}] {e.message}" if e.message else e.message
+                on_event(e)
+
+        paths = training.train(learner, scfg, out / name, on_event=emit, cancel=cancel, resume=resume)
+        if cancel.cancelled:
+            break
+    return paths
+
+
+def record_training_time(out: str | Path, stages: list[tuple[str, object]], path: Path) -> float:
+    """The loop's time over every stage (and resume) into the bridge file's header; returns it."""
+    seconds = round(sum(training.training_seconds(Path(out) / name) or 0.0 for name, _ in stages), 1)
+    save_bridge(stages[-1][1].lb, path, {"train_seconds": seconds, "steps_done": stages[-1][1].steps_done})
+    return seconds
+
+
+def close(stages: list[tuple[str, object]]) -> None:
+    for _, learner in stages:
+        if hasattr(learner, "close"):
+            learner.close()
+
+
 def run_training(base, req: TrainRequest, cfg, out: str | Path, data: BridgeData | None = None, on_event=None,
                  cancel=None, resume: bool = False) -> list[Path]:
-    """The whole run through ``training.train`` (one call per stage; checkpoints under OUT/<stage>); returns the
-    bridge file. ``cfg`` is the first stage's TrainConfig; swap's diffusion stage reuses it with
-    ``req.diffusion_steps`` steps."""
-    out = Path(out)
-    t0 = time.time()
+    """The whole run in this process: the stages built, trained and closed; the training time in the header."""
     stages = make_learners(base, req, out, data, info={"mode": req.mode, "steps": cfg.steps, "lr": cfg.lr,
-                                                 "batch_size": cfg.batch_size})
-    paths: list[Path] = []
-    cancel = cancel or training.CancelToken()
+                                                       "batch_size": cfg.batch_size})
     try:
-        for i, (name, learner) in enumerate(stages):
-            scfg = cfg if i == 0 else replace(cfg, steps=req.diffusion_steps,
-                                              batch_size=MODE_DEFAULTS["fuse"]["batch_size"])
-
-            def emit(e, name=name):
-                if on_event:
-                    e.message = f"[{name}] {e.message}" if e.message else e.message
-                    on_event(e)
-
-            paths = training.train(learner, scfg, out / name, on_event=emit, cancel=cancel, resume=resume)
-            if cancel.cancelled:
-                break
+        paths = train_stages(base, req, cfg, out, stages, on_event, cancel, resume)
     finally:
-        for _, learner in stages:
-            if hasattr(learner, "close"):
-                learner.close()
-    seconds = round(time.time() - t0, 1)
-    if paths:  # the training time goes into the file's header
-        lb = stages[-1][1].lb
-        save_bridge(lb, paths[0], {"train_seconds": seconds, "steps_done": stages[-1][1].steps_done})
+        close(stages)
+    if paths:
+        record_training_time(out, stages, paths[0])
     return paths

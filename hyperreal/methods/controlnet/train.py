@@ -15,7 +15,8 @@ from PIL import Image
 
 from ...datasets import encode_images, encode_prompts, fit_image, image_tensor, load_examples
 from ...errors import HyperrealError
-from ...training import DenoisingObjective
+from ...training import BesideTheBase, DenoisingObjective
+from ...training.memory import check_resolution
 from ...training.sampling import EpochQueue, drop_captions, noise_and_timesteps
 from .conditions import condition_map, extractor_params
 from .files import save_controlnet
@@ -41,7 +42,7 @@ class ControlNetData:
         if not examples:
             raise HyperrealError("the dataset has no examples")
         self.width, self.height, self.caption_dropout = width, height, caption_dropout
-        self.latents = encode_images(pipe.vae, [image_tensor(img, width, height) for img, _, _ in examples])
+        self.latents = encode_images(pipe.vae, (image_tensor(img, width, height) for img, _, _ in examples))
         self.maps = map_tensor([m for _, _, m in examples])
         self.captions = [t for _, t, _ in examples]
         self.texts = sorted(set(self.captions) | {""})
@@ -98,26 +99,19 @@ def dataset_examples(data: str | Path, extractor: str, width: int, height: int,
 
 # --- the Trainable ------------------------------------------------------------------------------------------
 
-class ControlNetLearner:
+class ControlNetLearner(BesideTheBase):
     """Train a ControlNet against the frozen base (``training.Trainable``)."""
 
     def __init__(self, pipe, data: ControlNetData, controlnet=None, info: dict | None = None,
                  sample_prompts: list[str] | None = None, sample_maps: list[Image.Image] | None = None,
                  sample_steps: int = 20, sample_guidance: float = 5.0, sample_seed: int = 0,
-                 gradient_checkpointing: bool = False, name: str = "controlnet"):
+                 name: str = "controlnet"):
         self.pipe, self.data, self.name = pipe, data, name
         self.info = dict(info or {})
         for part in (pipe.unet, pipe.vae, pipe.text_encoder):  # frozen, whatever the caller did before
             part.requires_grad_(False).eval()
         self.controlnet = controlnet if controlnet is not None else new_controlnet(pipe)
         self.controlnet.train().requires_grad_(True)
-        self.gradient_checkpointing = gradient_checkpointing
-        self._unet_checkpointing_was = bool(getattr(pipe.unet, "is_gradient_checkpointing", False))
-        if gradient_checkpointing:
-            # activations are recomputed in the backward pass: of the copy, and of the frozen UNet the loss
-            # runs through (a flag only, no weight changes; :meth:`release` puts the shared UNet's flag back)
-            self.controlnet.enable_gradient_checkpointing()
-            pipe.unet.enable_gradient_checkpointing()
         self.objective = DenoisingObjective(pipe.scheduler.config)
         self.prediction_type = self.objective.prediction_type  # recorded in the model card
         n = len(sample_maps) if sample_maps else min(2, len(data))
@@ -129,6 +123,12 @@ class ControlNetLearner:
         self.steps_done = 0
 
     # Trainable
+    method = "controlnet"  # its VRAM presets (training.memory)
+
+    def checkpointing_modules(self) -> list:
+        # activations are recomputed in the backward pass: of the copy, and of the frozen UNet the loss runs through
+        return [self.controlnet, self.pipe.unet]
+
     def trainable_parameters(self) -> list:
         return [p for p in self.controlnet.parameters() if p.requires_grad]
 
@@ -182,13 +182,7 @@ class ControlNetLearner:
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.controlnet.load_state_dict(state)
 
-    def release(self) -> None:
-        """Give the shared base back as it was (the loop's last call, ``save``, does this)."""
-        if self.gradient_checkpointing and not self._unet_checkpointing_was:
-            self.pipe.unet.disable_gradient_checkpointing()
-
     def save(self, out: Path) -> list[Path]:
-        self.release()
         return save_controlnet(self.controlnet, out, {**self.info, "steps_done": self.steps_done}, name=self.name)
 
     def trained_parameter_count(self) -> int:
@@ -206,10 +200,10 @@ class TrainRequest:
     softedge_model: str = "hed"  # hed | pidinet (a labelled Sobel fallback without annotator weights)
     annotators: str | None = None  # folder holding annotator weights (HED/PiDiNet/OpenPose)
     caption_dropout: float = 0.5  # as the paper: half the captions replaced by the empty string
-    gradient_checkpointing: bool = False
     conditioning_channels: tuple[int, ...] | None = None  # None: from the base's VAE factor
     sample_prompts: list[str] = field(default_factory=list)  # default: the captions of the first examples
     sample_maps: list[str] = field(default_factory=list)  # condition-map image files used as-is (default: the data's)
+    resolution: int | None = None  # training images' side in pixels (None: the base's default size)
     name: str = "controlnet"
     seed: int = 0
 
@@ -220,6 +214,7 @@ class TrainRequest:
             raise HyperrealError(f"Canny thresholds need 0 <= low <= high, got {self.canny_low}/{self.canny_high}")
         if not 0 <= self.caption_dropout < 1:
             raise HyperrealError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
+        check_resolution(self.resolution)
         if not re.fullmatch(r"[\w.-]+", self.name or ""):
             raise HyperrealError(f"--name must be a plain file name (letters, digits, _ . -), got {self.name!r}")
         for m in self.sample_maps:
@@ -230,7 +225,7 @@ class TrainRequest:
 def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = None) -> ControlNetLearner:
     """Data (maps, cached latents and embeddings) plus a fresh ControlNet, ready for ``training.train``."""
     req.check()
-    width, height = base.defaults["width"], base.defaults["height"]
+    width, height = (req.resolution,) * 2 if req.resolution else (base.defaults["width"], base.defaults["height"])
     params = extractor_params(req.extractor, req.canny_low, req.canny_high, req.softedge_model, req.annotators)
     examples = dataset_examples(req.data, req.extractor, width, height, **params)
     data = ControlNetData(base.pipe, examples, width, height, req.caption_dropout)
@@ -244,4 +239,4 @@ def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = N
             **(info or {})}
     return ControlNetLearner(base.pipe, data, cn, info=info, sample_prompts=req.sample_prompts, sample_maps=maps,
                              sample_steps=base.defaults["steps"], sample_guidance=base.defaults["guidance"],
-                             sample_seed=req.seed, gradient_checkpointing=req.gradient_checkpointing, name=req.name)
+                             sample_seed=req.seed, name=req.name)
