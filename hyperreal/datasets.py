@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import itertools
 import json
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import HyperrealError
+from .images import open_image
+from .safety import unzip, within
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -31,62 +31,70 @@ class Example:
     conditioning_image: Path | None = None
 
 
-def _extract_zip(path: Path, into: Path) -> Path:
-    into.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path) as z:
-        for m in z.infolist():
-            target = (into / m.filename).resolve()
-            if not str(target).startswith(str(into.resolve())):  # zip-slip: never write outside the folder
-                raise HyperrealError(f"{path.name}: refusing the entry '{m.filename}' (it points outside the archive)")
-        z.extractall(into)
-    # a zip of one folder: use that folder
-    entries = [p for p in into.iterdir() if not p.name.startswith(("__MACOSX", "."))]
-    return entries[0] if len(entries) == 1 and entries[0].is_dir() else into
+def read_text(path: Path, what: str | None = None) -> str:
+    """A caption or list file as text: UTF-8 (a BOM is fine), else a message naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise HyperrealError(f"'{what or path.name}' is not UTF-8 text: save it as UTF-8 (most editors offer it "
+                             "under 'Save as')") from None
 
 
-def load_examples(path: str | Path, workdir: str | Path | None = None) -> list[Example]:
-    """All (image, caption) pairs of a dataset folder or zip, with a clear error for each way it can be wrong."""
+def unpack(data: str | Path, into: str | Path) -> Path:
+    """A dataset as a folder: a .zip is unpacked (within limits, see safety.unzip) into ``into``; a folder stays."""
+    p = Path(data)
+    if p.is_file() and p.suffix.lower() == ".zip":
+        return unzip(p, into)
+    return p
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    """All (image, caption) pairs of a dataset folder, with a clear error for each way it can be wrong (every image
+    is decoded once here, so a damaged one is named before anything loads). Zips: :func:`unpack` first."""
     p = Path(path)
     if p.is_file() and p.suffix.lower() == ".zip":
-        p = _extract_zip(p, Path(workdir or tempfile.mkdtemp(prefix="hyperreal-data-")))
+        raise HyperrealError(f"dataset '{path}' is a .zip: unpack it first (the command line and the app do)")
     if not p.is_dir():
         raise HyperrealError(f"dataset '{path}' is not a folder or a .zip")
     meta = p / "metadata.jsonl"
     examples: list[Example] = []
     if meta.is_file():
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        # lines end at "\n" only: a caption may hold U+2028 or U+0085, which str.splitlines() would also cut at
+        for n, line in enumerate(read_text(meta).split("\n"), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
                 name, text = row["file_name"], row.get("text", row.get("caption"))
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):  # JSONDecodeError is a ValueError
                 raise HyperrealError(f"{meta} line {n}: expected {{\"file_name\": ..., \"text\": ...}}") from None
-            if not isinstance(text, str):
+            if not isinstance(text, str) or not isinstance(name, str):
                 raise HyperrealError(f"{meta} line {n}: '{name}' has no caption ('text')")
-            img = p / name
+            img = within(p / name, p, what=f"{meta} line {n}: the image")
             if not img.is_file():
                 raise HyperrealError(f"{meta} line {n}: image '{name}' is not in {p}")
             cond = row.get("conditioning_image")
-            if cond and not (p / cond).is_file():
+            if cond is not None and not isinstance(cond, str):
+                raise HyperrealError(f"{meta} line {n}: 'conditioning_image' must be a file name")
+            cond_path = within(p / cond, p, what=f"{meta} line {n}: the conditioning image") if cond else None
+            if cond_path is not None and not cond_path.is_file():
                 raise HyperrealError(f"{meta} line {n}: conditioning image '{cond}' is not in {p}")
-            examples.append(Example(img, text.strip(), p / cond if cond else None))
+            examples.append(Example(img, text.strip(), cond_path))
     else:
-        images = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        # links that lead out of the folder are refused, as in metadata.jsonl
+        images = sorted(within(f, p, what="image") for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         missing = [f.name for f in images if not f.with_suffix(".txt").is_file()]
         if images and missing:
             raise HyperrealError(f"dataset '{p}': no caption for {', '.join(missing[:5])}"
                                  f"{' ...' if len(missing) > 5 else ''}. Put NAME.txt beside each image, or a "
                                  "metadata.jsonl with file_name and text.")
-        examples = [Example(f, f.with_suffix(".txt").read_text(encoding="utf-8").strip()) for f in images]
+        examples = [Example(f, read_text(within(f.with_suffix(".txt"), p, what="caption")).strip()) for f in images]
     if not examples:
         raise HyperrealError(f"dataset '{p}' has no images (png, jpg, webp) with captions")
     for e in examples:
-        try:
-            with Image.open(e.image) as im:
-                im.verify()
-        except (UnidentifiedImageError, OSError):
-            raise HyperrealError(f"'{e.image.name}' is not a readable image") from None
+        open_image(e.image)
+        if e.conditioning_image is not None:
+            open_image(e.conditioning_image)
     return examples
 
 

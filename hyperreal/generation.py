@@ -15,6 +15,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
+from .datasets import read_text
 from .errors import HyperrealError
 from .loading import BaseModel
 from .methods import JOB_KEYS
@@ -76,7 +77,10 @@ def job_from_dict(d: dict, where: str = "job") -> GenerationJob:
     for key in JOB_KEYS:
         if d.get(key.name) is not None:
             d = {**d, key.name: key.check(d[key.name], where)}
-    job = GenerationJob(**{k: (float(v) if k == "guidance" and v is not None else v) for k, v in d.items()})
+    try:
+        job = GenerationJob(**{k: (float(v) if k == "guidance" and v is not None else v) for k, v in d.items()})
+    except OverflowError:
+        raise _bad(where, "'guidance' must be between 0 and 30") from None
     validate(job, where)
     return job
 
@@ -98,11 +102,17 @@ def validate(job: GenerationJob, where: str = "job") -> None:
 
 def read_jobs(path: str | Path) -> list[GenerationJob]:
     """All jobs of a JSONL file, checked before any image is made (blank lines and # comments are skipped)."""
+    return [job for _, job in read_job_lines(path)]
+
+
+def read_job_lines(path: str | Path) -> list[tuple[str, GenerationJob]]:
+    """(where, job) for each job of a JSONL file, ``where`` naming its line for later messages."""
     p = Path(path)
     if not p.is_file():
         raise HyperrealError(f"jobs file '{p}' does not exist")
     jobs = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    # lines end at "\n" only: str.splitlines() would also cut at U+2028 and U+0085, which JSON strings may hold
+    for n, line in enumerate(read_text(p, p.name).split("\n"), 1):
         s = line.strip()
         if not s or s.startswith("#"):
             continue
@@ -111,7 +121,9 @@ def read_jobs(path: str | Path) -> list[GenerationJob]:
             d = json.loads(s)
         except json.JSONDecodeError as e:
             raise _bad(where, f"not valid JSON ({e.msg} at column {e.colno})") from None
-        jobs.append(job_from_dict(d, where))
+        except (ValueError, RecursionError):  # a number of thousands of digits, brackets nested thousands deep
+            raise _bad(where, "not a JSON line this app reads (a number too long or nesting too deep)") from None
+        jobs.append((where, job_from_dict(d, where)))
     if not jobs:
         raise HyperrealError(f"jobs file '{p}' has no jobs (one JSON object per line)")
     return jobs
@@ -133,15 +145,17 @@ def parameters_text(job: GenerationJob, model: str, sampler: str) -> str:
 
 def parse_parameters(text: str) -> dict:
     """Read an A1111-style parameters text back into job fields (for 'send to form')."""
-    lines = text.strip().splitlines()
+    # split on "\n" alone, as parameters_text joins: str.splitlines() would also split (and strip() eat) the
+    # other line and space characters a prompt may hold (\x0b, \x1c, \u2028, ...)
+    lines = text.rstrip("\n").split("\n") if text.strip() else []
     if not lines:
         return {}
     settings = lines[-1]
     head = lines[:-1]
     neg = [i for i, line in enumerate(head) if line.startswith("Negative prompt:")]
     prompt = "\n".join(head[:neg[0]] if neg else head)
-    out: dict = {"prompt": prompt,
-                 "negative_prompt": "\n".join(head[neg[0]:])[len("Negative prompt:"):].strip() if neg else ""}
+    negative = "\n".join(head[neg[0]:])[len("Negative prompt:"):] if neg else ""
+    out: dict = {"prompt": prompt, "negative_prompt": negative[1:] if negative.startswith(" ") else negative}
     kv = dict(m.groups() for m in re.finditer(r'\s*([\w ]+):\s*("(?:\\.|[^"\\])*"|[^,]+)', settings))
     conv = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int)}
     for k, (name, f) in conv.items():
@@ -191,13 +205,29 @@ def run_job(base: BaseModel, job: GenerationJob) -> tuple[Image.Image, str]:
     call = PipelineCall(pipe, dict(prompt=job.prompt, negative_prompt=job.negative_prompt or None,
                                    num_inference_steps=job.steps, guidance_scale=job.guidance, width=job.width,
                                    height=job.height, generator=seeded([job.seed])[0], output_type="pil"))
+    # models the job names are fetched and loaded first, outside the lock: a hub that does not answer costs this job
+    # an error after its deadline, while other jobs go on
+    values = {key.name: key.prepare(base, getattr(job, key.name)) for key in JOB_KEYS
+              if getattr(job, key.name) is not None}
     with base.lock, contextlib.ExitStack() as stack:
         for key in JOB_KEYS:
-            value = getattr(job, key.name)
+            value = values.get(key.name)
             if value is not None or key.always:
                 stack.enter_context(key.apply(base, value, call))
+        check_prompt_length(call.pipe.tokenizer, job)  # with the job's trigger tokens in the tokenizer
         image = call.run()[0]
     return image, parameters_text(job, base.name, sampler_name(pipe))
+
+
+def check_prompt_length(tokenizer, job: GenerationJob, where: str = "job") -> None:
+    """A prompt longer than the text encoder reads would be cut without a word (and the PNG would still say the
+    whole text): refused instead, with how long it is."""
+    limit = tokenizer.model_max_length - 2  # the start and end tokens take two places
+    for field, text in (("prompt", job.prompt), ("negative prompt", job.negative_prompt)):
+        n = len(tokenizer(text, add_special_tokens=False, truncation=False).input_ids) if text else 0
+        if n > limit:
+            raise _bad(where, f"the {field} is {n} tokens long; this model reads at most {limit} (the rest would be "
+                              "cut off): shorten it")
 
 
 def generate_to_folder(base: BaseModel, job: GenerationJob, count: int, folder: str | Path) -> list[tuple[Path, str]]:

@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from . import sources
 from .errors import HyperrealError
 from .registry import find_embedded
+from .safety import as_path
 from .training.memory import half_dtype
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -83,10 +84,37 @@ class BaseModel:
     pipe: object
     defaults: dict = field(default_factory=lambda: dict(HUB_DEFAULTS))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    training: threading.Event = field(default_factory=threading.Event)  # a run has new modules on this pipe
+    _twin: "BaseModel | None" = field(default=None, repr=False)
+    _twin_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def device(self) -> torch.device:
         return self.pipe.device
+
+    @contextlib.contextmanager
+    def in_training(self):
+        """Marks the pipe as a training run's while it attaches, trains and takes off its modules."""
+        self.training.set()
+        try:
+            yield self
+        finally:
+            self.training.clear()
+
+    def for_generation(self) -> "BaseModel":
+        """This base; or, while a training run has its pipe, a second copy of it (loaded once from the same source
+        and kept), so that generation goes on beside training instead of waiting for it or seeing its modules."""
+        if not self.training.is_set():
+            return self
+        with self._twin_lock:
+            if self._twin is None:
+                try:
+                    twin = load_base(self.source, device=str(self.device), dtype=self.pipe.unet.dtype)
+                except torch.OutOfMemoryError:
+                    raise HyperrealError("A training run is using this base and there is no memory for a second "
+                                         "copy to generate with; generate when the run ends.") from None
+                self._twin = BaseModel(self.name, self.source, twin.pipe, self.defaults)
+        return self._twin
 
 
 def base_defaults(folder: str | Path | None) -> dict:
@@ -101,7 +129,7 @@ def base_defaults(folder: str | Path | None) -> dict:
 def _base_source(name: str) -> str:
     """The folder (embedded or local) or hub id a base loads from."""
     art = find_embedded(name, "base")
-    path = art.path if art is not None else Path(name).expanduser()
+    path = art.path if art is not None else as_path(name, "base model")
     if not path.is_dir():
         if path.suffix in {".safetensors", ".ckpt"} or name.startswith((".", "/", "~")):
             raise HyperrealError(

@@ -72,9 +72,12 @@ class JobKey:
     ``check(value, where)`` returns the value normalised or raises a HyperrealError saying what is wrong;
     ``apply(base, value, call)`` is a context manager that changes ``call`` for one job and undoes it on exit.
     ``always``: applied even to jobs without the key (adapters: to switch off what an earlier job left loaded).
+    ``prepare(base, value)``: what can happen before the job takes the base's lock (fetching and loading files, with
+    a deadline), returning the value ``apply`` then gets; a slow hub then holds up no other job.
     """
 
     name: str
     check: Callable[[object, str], object]
     apply: Callable[[object, object, PipelineCall], ContextManager]
     always: bool = False
+    prepare: Callable[[object, object], object] = lambda base, value: value  # noqa: E731 (nothing to prepare)

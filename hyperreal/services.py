@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from . import training
-from .datasets import load_examples
+from .datasets import load_examples, unpack
 from .errors import HyperrealError
 from .loading import BaseModel
 from .methods import adapters, bridge, controlnet
@@ -85,13 +85,22 @@ def _finish(out: Path, paths: list, figures: dict, say: _Reporter, cancel: Cance
 
 # --- adapters ---------------------------------------------------------------------------------------------------
 
-def check_adapter_request(req: adapters.TrainRequest) -> None:
-    """What can be checked before the base loads: the kind, the spec, the dataset."""
+def _unpacked(req, out: str | Path):
+    """The request with a .zip dataset unpacked once, into the run's folder (OUT/data)."""
+    folder = unpack(req.data, Path(out) / "data")
+    return req if str(folder) == str(req.data) else replace(req, data=str(folder))
+
+
+def check_adapter_request(req: adapters.TrainRequest, out: str | Path) -> adapters.TrainRequest:
+    """What can be checked before the base loads: the kind, the spec, the dataset (a .zip is unpacked into OUT);
+    returns the request to train with."""
     if req.kind not in adapters.KINDS_AND_FULL:
         raise HyperrealError(f"--kind must be one of {', '.join(adapters.KINDS_AND_FULL)}, got {req.kind!r}")
     if req.kind != "full":
         req.spec().check()
+    req = _unpacked(req, out)
     adapters.instance_examples(req.data, req.trigger)
+    return req
 
 
 def train_adapter(base: BaseModel, req: adapters.TrainRequest, cfg: TrainConfig, out: str | Path, on_event=None,
@@ -105,20 +114,22 @@ def train_adapter(base: BaseModel, req: adapters.TrainRequest, cfg: TrainConfig,
 
     @contextlib.contextmanager
     def open_(emit):
-        learner = adapters.make_learner(base, req, out, info={"steps": cfg.steps, "lr": cfg.lr,
-                                                              "batch_size": cfg.batch_size})
-        try:
-            what = "the whole UNet (full fine-tune)" if full else learner.spec.describe()
-            n_class = len(learner.data) - learner.data.n_instances
-            _info(emit, f"training {what}: {learner.trained_parameter_count():,} parameters on {learner.data.n_instances} "
-                "images" + (f" + {n_class} class images (repeats {learner.data.repeats})" if n_class else ""))
-            for word in getattr(learner, "tokens", {}):
-                _info(emit, f"trigger word '{word}' is several tokens to this tokenizer: it gets a new token of its own, "
-                    "trained with the adapter and saved in its file")
-            yield learner
-        finally:
-            if not full:
-                adapters.remove_adapter(base.pipe, learner.name)
+        with base.in_training():
+            learner = adapters.make_learner(base, req, out, info={"steps": cfg.steps, "lr": cfg.lr,
+                                                                  "batch_size": cfg.batch_size})
+            try:
+                what = "the whole UNet (full fine-tune)" if full else learner.spec.describe()
+                n_class = len(learner.data) - learner.data.n_instances
+                _info(emit, f"training {what}: {learner.trained_parameter_count():,} parameters on "
+                            f"{learner.data.n_instances} images"
+                            + (f" + {n_class} class images (repeats {learner.data.repeats})" if n_class else ""))
+                for word in getattr(learner, "tokens", {}):
+                    _info(emit, f"trigger word '{word}' is several tokens to this tokenizer: it gets a new token of "
+                                "its own, trained with the adapter and saved in its file")
+                yield learner
+            finally:
+                if not full:
+                    adapters.remove_adapter(base.pipe, learner.name)
 
     def report(learner, paths) -> dict:
         pairs = adapters.default_drift_prompts(base, learner.data.captions, req.trigger, drift_samples)
@@ -145,9 +156,11 @@ def train_adapter(base: BaseModel, req: adapters.TrainRequest, cfg: TrainConfig,
 
 # --- ControlNet -------------------------------------------------------------------------------------------------
 
-def check_controlnet_request(req: controlnet.TrainRequest) -> None:
+def check_controlnet_request(req: controlnet.TrainRequest, out: str | Path) -> controlnet.TrainRequest:
     req.check()
+    req = _unpacked(req, out)
     load_examples(req.data)
+    return req
 
 
 def train_controlnet(base: BaseModel, req: controlnet.TrainRequest, cfg: TrainConfig, out: str | Path,
@@ -160,12 +173,13 @@ def train_controlnet(base: BaseModel, req: controlnet.TrainRequest, cfg: TrainCo
     @contextlib.contextmanager
     def open_(emit):
         t0 = time.time()
-        learner = controlnet.make_learner(base, req, out, info={"steps": cfg.steps, "lr": cfg.lr,
-                                                                "batch_size": cfg.batch_size})
-        _info(emit, controlnet.WHAT_LEARNS)
-        _info(emit, f"training {learner.trained_parameter_count():,} parameters on {len(learner.data)} images "
-            f"({req.extractor} maps; latents, embeddings and maps cached in {time.time() - t0:.1f}s)")
-        yield learner
+        with base.in_training():  # the frozen UNet's checkpointing flag is the run's while it lasts
+            learner = controlnet.make_learner(base, req, out, info={"steps": cfg.steps, "lr": cfg.lr,
+                                                                    "batch_size": cfg.batch_size})
+            _info(emit, controlnet.WHAT_LEARNS)
+            _info(emit, f"training {learner.trained_parameter_count():,} parameters on {len(learner.data)} images "
+                        f"({req.extractor} maps; latents, embeddings and maps cached in {time.time() - t0:.1f}s)")
+            yield learner
 
     def report(learner, paths) -> dict:
         return {"trained_parameters": learner.trained_parameter_count(), "images": len(learner.data)}
@@ -200,10 +214,13 @@ def bridge_data(base: BaseModel | None, req: bridge.TrainRequest, scenes: int = 
     return data
 
 
-def check_bridge_request(req: bridge.TrainRequest) -> None:
+def check_bridge_request(req: bridge.TrainRequest, out: str | Path) -> bridge.TrainRequest:
     req.check()
-    if req.data != "shapes":
-        bridge.read_captions(req.data)
+    if req.data == "shapes":
+        return req
+    req = _unpacked(req, out)
+    bridge.read_captions(req.data)
+    return req
 
 
 def train_bridge(base: BaseModel, req: bridge.TrainRequest, cfg: TrainConfig, out: str | Path, on_event=None,
@@ -216,13 +233,14 @@ def train_bridge(base: BaseModel, req: bridge.TrainRequest, cfg: TrainConfig, ou
     @contextlib.contextmanager
     def open_(emit):
         _info(emit, bridge.WHAT_LEARNS)
-        stages = bridge.make_learners(base, req, out, bridge_data(base, req, scenes),
-                                      info={"mode": req.mode, "steps": cfg.steps, "lr": cfg.lr,
-                                            "batch_size": cfg.batch_size})
-        try:
-            yield stages
-        finally:
-            bridge.close(stages)
+        with base.in_training():  # fuse installs its attention processors on the shared UNet while it trains
+            stages = bridge.make_learners(base, req, out, bridge_data(base, req, scenes),
+                                          info={"mode": req.mode, "steps": cfg.steps, "lr": cfg.lr,
+                                                "batch_size": cfg.batch_size})
+            try:
+                yield stages
+            finally:
+                bridge.close(stages)
 
     def train(stages, on_event, cancel, resume) -> list[Path]:
         return bridge.train_stages(base, req, cfg, out, stages, on_event, cancel, resume)

@@ -8,16 +8,20 @@ from safetensors: a pickled file is refused here, before any loader sees it.
 from __future__ import annotations
 
 import collections
+import os
 import re
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import HyperrealError
 from .registry import Artifact, embedded_artifacts, find_embedded
+from .safety import as_path
 
 # a Hugging Face repository id: owner/name, letters, digits, '-', '_' and '.', at most 96 characters each
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
@@ -52,7 +56,7 @@ def resolve(source: str, kind: str, what: str, pick: Callable[[Path, str], Sourc
                              + (" or a hub id" if hub else ""))
     source = source.strip()
     art = find_embedded(source, kind)
-    path = art.path if art is not None else Path(source).expanduser()
+    path = art.path if art is not None else as_path(source, what)
     if path.is_dir():
         found = pick(path, source)
         return Source(found.how, found.where, art)
@@ -88,6 +92,19 @@ def read_header(path: str | Path) -> tuple[dict[str, str], list[str]]:
         raise HyperrealError(f"'{path}' is not a readable .safetensors file ({type(e).__name__})") from None
 
 
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Written to a temporary name and renamed: a file is whole or absent, never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def load_error(what: str, name: str, err: Exception, hub: bool = True) -> tuple[str, str]:
     """(cause, fix) for a model that failed to load, in words a person can act on."""
     text = f"{type(err).__name__}: {err}".strip()
@@ -104,6 +121,33 @@ def load_error(what: str, name: str, err: Exception, hub: bool = True) -> tuple[
         return ("it has no safetensors weights (hyperreal never loads pickled .bin/.ckpt files)",
                 f"use a repository or folder with .safetensors weights for the {what}")
     return text.splitlines()[0][:300], ""
+
+
+LOAD_SECONDS = float(os.environ.get("HYPERREAL_LOAD_TIMEOUT", "300"))  # a model a job names, from the hub
+
+
+def with_deadline(load: Callable[[], object], what: str, seconds: float | None = None):
+    """``load()`` in a worker thread, given up after ``seconds``: a hub that accepts a connection and never answers
+    (or answers a byte a minute) costs this request an error, not the whole app. The worker may go on in the
+    background; huggingface_hub's own timeouts (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT) end it."""
+    seconds = LOAD_SECONDS if seconds is None else seconds
+    box: dict = {}
+
+    def work():
+        try:
+            box["value"] = load()
+        except BaseException as e:  # handed to the caller's thread below
+            box["error"] = e
+
+    worker = threading.Thread(target=work, daemon=True, name=f"hyperreal-load {what}")
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise HyperrealError(f"loading {what} took more than {seconds:g} s (the hub or the network is not answering); "
+                             "try again later, or use a local file (HYPERREAL_LOAD_TIMEOUT sets the limit)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def identity(path: str | Path) -> str:
@@ -123,25 +167,22 @@ class PerBaseCache:
     def __init__(self, size: int, drop: Callable[[object], None] | None = None):
         self.size, self.drop = size, drop
         self._by_owner: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()  # jobs prepare their models concurrently, outside the base's lock
 
     def entries(self, owner) -> "collections.OrderedDict":
         return self._by_owner.setdefault(owner, collections.OrderedDict())
 
     def get(self, owner, key: str, load: Callable[[], object]):
-        entries = self.entries(owner)
-        if key in entries:
-            entries.move_to_end(key)
-            return entries[key]
-        value = load()  # first: a load that fails evicts nothing
-        while len(entries) >= self.size:
-            _, old = entries.popitem(last=False)
-            if self.drop is not None:
-                self.drop(old)
-        entries[key] = value
-        return value
-
-    def forget(self, owner, value) -> None:
-        """Take a value out without dropping it (it was removed by other means)."""
-        entries = self.entries(owner)
-        for k in [k for k, v in entries.items() if v is value or v == value]:
-            del entries[k]
+        with self._lock:
+            entries = self.entries(owner)
+            if key in entries:
+                entries.move_to_end(key)
+                return entries[key]
+        value = load()  # outside the lock (a slow load holds up no one else); a load that fails evicts nothing
+        with self._lock:
+            while len(entries) >= self.size and key not in entries:
+                _, old = entries.popitem(last=False)
+                if self.drop is not None:
+                    self.drop(old)
+            entries[key] = value
+            return value

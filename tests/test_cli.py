@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -69,3 +70,51 @@ def test_eval_base_json_last_line():
     for k in ("one_object_colour_shape", "two_objects_colour_shape", "one_object_position", "seconds_per_image"):
         assert k in figures
     assert figures["prompts_per_set"] == 8
+
+
+def star_folder(tmp_path, n=2):
+    from bench.star import star_dataset
+
+    return star_dataset(tmp_path / "stars", n=n)
+
+
+def test_zero_learning_rate_or_batch_is_refused_not_replaced(tmp_path):
+    data = star_folder(tmp_path)
+    for flag, value, words in (("--lr", "0", "learning rate (--lr) must be above 0"),
+                               ("--batch-size", "0", "batch size (--batch-size) must be at least 1"),
+                               ("--steps", "0", "(--steps) must be at least 1")):
+        out = tmp_path / f"out{flag}"
+        r = run_cli("train", "adapter", "--base", "tiny", "--data", data, "--out", out, "--steps", "2", flag, value)
+        assert r.returncode == 2, (flag, r.stderr)
+        assert words in r.stderr and "Traceback" not in r.stderr
+        assert not (out / "adapter.safetensors").exists()
+
+
+def test_prompt_over_the_token_limit_is_refused_and_nothing_is_written(tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    long_prompt = " ".join(["a red circle on the left"] * 12)  # the tiny encoder reads 30 tokens
+    jobs.write_text(json.dumps({"prompt": "a red circle", "seed": 1}) + "\n"
+                    + json.dumps({"prompt": long_prompt, "seed": 2}) + "\n")
+    r = run_cli("generate", "--base", "tiny", "--jobs", jobs, "--out-dir", tmp_path / "out")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "line 2" in r.stderr and "tokens long" in r.stderr and "shorten it" in r.stderr
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_a_zip_dataset_is_unpacked_once_into_the_output_folder(tmp_path):
+    import shutil
+    import tempfile
+
+    data = star_folder(tmp_path)
+    archive = Path(shutil.make_archive(str(tmp_path / "stars"), "zip", data.parent, data.name))
+    before = set(Path(tempfile.gettempdir()).iterdir())
+    out = tmp_path / "out"
+    r = run_cli("train", "adapter", "--base", "tiny", "--data", archive, "--out", out, "--steps", "1",
+                "--batch-size", "1")
+    assert r.returncode == 0, r.stderr
+    assert (out / "adapter.safetensors").is_file()
+    unpacked = sorted(p.name for p in (out / "data").rglob("*.png"))
+    assert unpacked == sorted(p.name for p in data.glob("*.png"))
+    # nothing unpacked anywhere else (the old CLI unpacked each zip twice, into temp folders it never removed)
+    new = [p for p in set(Path(tempfile.gettempdir()).iterdir()) - before if "zip" in p.name or "hyperreal" in p.name]
+    assert new == []

@@ -59,3 +59,19 @@ def test_same_seed_same_image_and_png_chunk(tiny, tmp_path):
     with Image.open(p) as im:
         assert im.info["parameters"] == params
     assert [x.name for x in p.parent.iterdir()] == ["x.png"]  # no temp file left
+
+
+def test_parameters_round_trip_keeps_control_characters():
+    # str.splitlines() also splits on these; "Use these settings" must give the prompt back as it was
+    odd = "a red\x0bcircle\x0c on\x1cthe\x1dleft\x1e\x85 and\u2028a\u2029square"
+    j = GenerationJob(odd, 7, "not\x0bthis", 20, 5.0, 64, 64)
+    d = parse_parameters(parameters_text(j, "tiny", "DPMSolverMultistep"))
+    assert d["prompt"] == odd and d["negative_prompt"] == "not\x0bthis" and d["seed"] == 7
+
+
+def test_prompt_over_the_token_limit_is_refused(tiny):
+    from hyperreal.errors import HyperrealError
+
+    with pytest.raises(HyperrealError, match="tokens long; this model reads at most 30"):
+        run_job(tiny, GenerationJob(" ".join(["a red circle on the left"] * 12), 1, steps=2))
+    run_job(tiny, GenerationJob(" ".join(["a red circle"] * 8), 1, steps=2))  # 24 tokens: fine

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..errors import HyperrealError
-from ..generation import job_from_dict, read_jobs, run_job, save_png
+from ..generation import check_prompt_length, job_from_dict, read_job_lines, run_job, save_png
 from ..loading import load_base
 from ..registry import embedded_artifacts
 from ..shapes import benchmark
@@ -22,15 +22,19 @@ def cmd_generate(args) -> int:
     if args.jobs:
         if not args.out_dir:
             raise HyperrealError("--jobs needs --out-dir DIR (images are written as 0000.png, 0001.png, ...)")
-        jobs = read_jobs(args.jobs)
-        jobs = [job_from_dict({**overrides, **{k: v for k, v in vars(j).items() if v is not None}},
-                              f"{Path(args.jobs).name} job {i}") for i, j in enumerate(jobs)]
+        lines = read_job_lines(args.jobs)
+        wheres = [where for where, _ in lines]
+        jobs = [job_from_dict({**overrides, **{k: v for k, v in vars(j).items() if v is not None}}, where)
+                for where, j in lines]
         targets = [Path(args.out_dir) / f"{i:04d}.png" for i in range(len(jobs))]
     else:
+        wheres = ["--prompt"]
         d = {"prompt": args.prompt, "seed": args.seed, "negative_prompt": args.negative_prompt, **overrides}
         jobs = [job_from_dict(d, "--prompt")]
         targets = [Path(args.out or (Path(args.out_dir or ".") / "0000.png"))]
     base = load_base(args.base)  # once for the whole file
+    for where, job in zip(wheres, jobs):  # every prompt fits before any image is made
+        check_prompt_length(base.pipe.tokenizer, job, where)
     for job, target in zip(jobs, targets):
         t0 = time.perf_counter()
         image, params = run_job(base, job)

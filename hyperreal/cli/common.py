@@ -51,10 +51,10 @@ def run_training(args, req, check, train, method: str, variant: str | None = Non
     base loads (a bad dataset fails at once), then ``train(base, req, cfg, out, ...)`` (a services function) with
     the loop's settings filled in from the base's recipe and the VRAM preset, and console progress."""
     train_config(args)
-    check(req)
+    out = Path(args.out)
+    req = check(req, out)
     base = load_base(args.base)
     cfg = train_config(args, services.train_settings(base, method, variant, args.vram))
-    out = Path(args.out)
     report = train(base, req, cfg, out, on_event=console_progress(out), resume=args.resume, **options)
     return finish(args, report.figures)
 

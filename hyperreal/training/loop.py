@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import threading
 import time
@@ -43,11 +44,12 @@ class TrainConfig:
     seed: int = 0
 
     def check(self) -> None:
-        for k in ("steps", "batch_size", "grad_accum"):
+        names = {"steps": "the number of steps", "batch_size": "the batch size", "grad_accum": "gradient accumulation"}
+        for k, what in names.items():
             if getattr(self, k) < 1:
-                raise HyperrealError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(self, k)}")
+                raise HyperrealError(f"{what} (--{k.replace('_', '-')}) must be at least 1, got {getattr(self, k)}")
         if not 0 < self.lr < 1:
-            raise HyperrealError(f"--lr must be between 0 and 1, got {self.lr}")
+            raise HyperrealError(f"the learning rate (--lr) must be above 0 and below 1 (e.g. 1e-4), got {self.lr:g}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise HyperrealError(f"--mixed-precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
 
@@ -188,10 +190,22 @@ def training_seconds(out: str | Path) -> float | None:
     return json.loads((ck / "progress.json").read_text()).get("seconds") if ck is not None else None
 
 
+CHECKPOINT = re.compile(r"step-(\d+)")
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    cks = sorted((p for p in (out / "checkpoints").glob("step-*") if (p / "progress.json").is_file()),
-                 key=lambda p: int(p.name.split("-")[1]))
-    return cks[-1] if cks else None
+    """The newest whole checkpoint (``step-N`` holding progress.json, its last file); a ``step-N.part`` left by a
+    kill in the middle of a save is not one."""
+    cks = [(int(m.group(1)), p) for p in (Path(out) / "checkpoints").glob("step-*")
+           if (m := CHECKPOINT.fullmatch(p.name)) and (p / "progress.json").is_file()]
+    return max(cks)[1] if cks else None
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Half-written checkpoints of a killed run: removed before this run writes its own."""
+    for p in (out / "checkpoints").glob("step-*"):
+        if not CHECKPOINT.fullmatch(p.name) or not (p / "progress.json").is_file():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def train(learner: Trainable, cfg: TrainConfig, out: str | Path, on_event: Callable[[ProgressEvent], None] | None = None,
@@ -209,6 +223,7 @@ def train(learner: Trainable, cfg: TrainConfig, out: str | Path, on_event: Calla
 
 def _train(learner: Trainable, cfg: TrainConfig, out: Path, emit, cancel: CancelToken, resume: bool) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(out)
     set_seed(cfg.seed)
     params = learner.trainable_parameters()
     flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
@@ -238,7 +253,11 @@ def _train(learner: Trainable, cfg: TrainConfig, out: Path, emit, cancel: Cancel
         f"training {sum(p.numel() for p in flat):,} parameters with {optimizer_name}, {how}, batch "
         f"{cfg.batch_size}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
         + (f"; resumed from step {start}" if start else ""))))
-    data = learner.batches(cfg.batch_size, cfg.seed + start)
+    # the same stream as an uninterrupted run, fast-forwarded past what the checkpoint has seen: a resumed run (after
+    # a kill, or a ZeroGPU chunk) then trains on exactly the batches, noise and timesteps it would have
+    data = learner.batches(cfg.batch_size, cfg.seed)
+    for _ in range(start * cfg.grad_accum):
+        next(data)
     t0, step = time.time(), start
 
     def checkpoint(kind: str) -> None:

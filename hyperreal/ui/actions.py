@@ -10,10 +10,9 @@ import re
 import time
 from pathlib import Path
 
-from PIL import Image
-
 from .. import services
 from ..errors import HyperrealError
+from ..images import open_image
 from ..loading import BaseModel
 from ..methods import adapters, bridge, controlnet
 from ..training import TrainConfig
@@ -24,12 +23,20 @@ from .library import Library
 def loop_config(knobs: dict, lr: float) -> TrainConfig:
     """The shared loop's settings from a Train panel's knobs (steps, batch size, samples every N steps, memory)."""
     steps = int(knobs["steps"])
+    if lr is None:
+        raise HyperrealError("Set a learning rate (the field is empty).")
     cfg = TrainConfig(steps=steps, batch_size=int(knobs["batch_size"]), lr=float(lr),
                       validate_every=int(knobs.get("sample_every") or 0), log_every=max(1, min(10, steps)),
                       gradient_checkpointing=bool(knobs.get("gradient_checkpointing")),
                       use_8bit_adam=bool(knobs.get("use_8bit_adam")))
     cfg.check()
     return cfg
+
+
+def _number(value) -> float | None:
+    """A Number field's value: None when empty (then the recipe's), else the number as typed, 0 included (the
+    request's own check says what is wrong with it)."""
+    return None if value is None or value == "" else float(value)
 
 
 def _name(knobs: dict, default: str) -> str:
@@ -45,17 +52,19 @@ def adapter_trainer(base: BaseModel, library: Library):
             data=str(data), kind=kind, rank=int(knobs["rank"]), alpha=knobs.get("alpha") or None,
             preset=knobs["preset"], placement=knobs["placement"], rslora=bool(knobs.get("rslora")),
             train_text_encoder={"on": True, "off": False}.get(knobs.get("train_text_encoder") or "auto"),
-            text_encoder_lr=knobs.get("text_encoder_lr") or None, trigger=(knobs.get("trigger") or "").strip() or None,
+            text_encoder_lr=_number(knobs.get("text_encoder_lr")), trigger=(knobs.get("trigger") or "").strip() or None,
             trigger_token=bool(knobs.get("trigger_token", True)),
             class_prompts=[p.strip() for p in (knobs.get("class_prompt") or "").split("|") if p.strip()],
             class_images=int(knobs.get("class_images") or 0), repeats=int(knobs.get("repeats") or 0) or None,
-            prior_weight=None if knobs.get("prior_weight") is None else float(knobs["prior_weight"]),
+            prior_weight=_number(knobs.get("prior_weight")),
             flip=bool(knobs.get("flip")), caption_dropout=float(knobs.get("caption_dropout") or 0.0),
             name=knobs.get("name") or f"{kind}_adapter")
-        services.check_adapter_request(req)
-        cfg = loop_config(knobs, knobs.get("lr") or services.train_settings(base, "adapter", kind)["lr"])
-        report = services.train_adapter(base, req, cfg, library.folder("adapter", req.name), on_event=on_event,
-                                        cancel=cancel, drift_samples=4, runner=zerogpu.runner())
+        out = library.folder("adapter", req.name)
+        req = services.check_adapter_request(req, out)
+        lr = _number(knobs.get("lr"))
+        cfg = loop_config(knobs, services.train_settings(base, "adapter", kind)["lr"] if lr is None else lr)
+        report = services.train_adapter(base, req, cfg, out, on_event=on_event, cancel=cancel, drift_samples=4,
+                                        runner=zerogpu.runner())
         if report.paths and kind != "full":
             library.add("adapter", f"{req.name} ({kind}, {time.strftime('%H:%M')})", report.paths[0])
         return report.paths
@@ -71,10 +80,11 @@ def controlnet_trainer(base: BaseModel, library: Library):
         req = controlnet.TrainRequest(data=str(data), extractor=knobs["extractor"],
                                       canny_low=int(knobs["canny_low"]), canny_high=int(knobs["canny_high"]),
                                       caption_dropout=float(knobs["caption_dropout"]), name=name)
-        req.check()
+        out = library.folder("controlnet", name)
+        req = services.check_controlnet_request(req, out)
         cfg = loop_config(knobs, knobs["lr"])
-        report = services.train_controlnet(base, req, cfg, library.folder("controlnet", name), on_event=on_event,
-                                           cancel=cancel, runner=zerogpu.runner())
+        report = services.train_controlnet(base, req, cfg, out, on_event=on_event, cancel=cancel,
+                                           runner=zerogpu.runner())
         folder = next((p for p in report.paths if p.is_dir()), None)
         if folder is not None:
             library.add("controlnet", f"{name} ({req.extractor}, {time.strftime('%H:%M')})", folder)
@@ -107,14 +117,18 @@ def bridge_trainer(base: BaseModel, library: Library):
                 raise HyperrealError("Upload captioned images above, or choose typed captions / the shapes world.")
             where = data
         mode = knobs["mode"]
-        req = bridge.TrainRequest(data=str(where), mode=mode, encoder=(knobs.get("encoder") or "").strip() or None,
+        encoder = (knobs.get("encoder") or "").strip() or None
+        if encoder is not None and encoder not in bridge.encoder_aliases():  # a hub id or a models-folder path
+            encoder = library.check_source(encoder, "extra encoder")
+        req = bridge.TrainRequest(data=str(where), mode=mode, encoder=encoder,
                                   lora_rank=int(knobs.get("lora_rank") or 0),
                                   diffusion_steps=int(knobs.get("diffusion_steps") or 0) if mode == "swap" else 0,
                                   name=name)
-        req.check()
+        out = library.folder("bridge", name)
+        req = services.check_bridge_request(req, out)
         cfg = loop_config(knobs, knobs["lr"])
-        report = services.train_bridge(base, req, cfg, library.folder("bridge", name), on_event=on_event,
-                                       cancel=cancel, runner=zerogpu.runner())
+        report = services.train_bridge(base, req, cfg, out, on_event=on_event, cancel=cancel,
+                                       runner=zerogpu.runner())
         if report.paths:
             library.add("bridge", f"{name} ({mode}, {time.strftime('%H:%M')})", report.paths[0])
         return report.paths
@@ -130,11 +144,7 @@ def sketch_image(sketch):
         sketch = sketch.get("composite")
     if sketch is None:
         return None
-    img = sketch if isinstance(sketch, Image.Image) else Image.open(sketch)
-    if img.mode == "RGBA":  # drawn strokes on a transparent canvas: put them on white
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img)
-    return img.convert("RGB")
+    return open_image(sketch, "the scribble")  # drawn strokes on a transparent canvas come out on white
 
 
 def condition_map(source: str, image, sketch, low, high, resize: str, width: int, height: int):
@@ -146,6 +156,7 @@ def condition_map(source: str, image, sketch, low, high, resize: str, width: int
         return services.condition_map("uploaded", image, width, height, resize)
     if image is None:
         raise HyperrealError("Upload a picture for the ControlNet unit first (or switch the unit off).")
+    image = open_image(image, "the uploaded picture")
     params = {"low": int(low), "high": int(high)} if source == "canny" else {}
     return services.condition_map(source, image, width, height, resize, **params)
 

@@ -66,7 +66,8 @@ def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
                 setattr(job, m.key, value)
         # a method value goes through the same checks as a jobs file
         job = job_from_dict({k: v for k, v in asdict(job).items() if v is not None}, "Generate")
-        return generate_to_folder(base, job, count, settings.outputs)
+        # while a training run has the base's pipe, a second copy serves generation (BaseModel.for_generation)
+        return generate_to_folder(base.for_generation(), job, count, settings.outputs)
 
     def adapters_job(values, width, height):
         items = adapters_from_inputs(values)

@@ -5,6 +5,7 @@ from typing import Callable
 
 import gradio as gr
 
+from .components import CheckedImage, CheckedSketchpad
 from .train_panel import build_train_panel
 
 UNITS = 2
@@ -40,8 +41,10 @@ def build_controlnet_tab(choices: Callable[[], list], preview: Callable, start_t
                                             label="ControlNet", allow_custom_value=True, scale=3)
                         source = gr.Dropdown(SOURCES, value="canny", label="Map from", scale=3)
                     with gr.Row():
-                        image = gr.Image(label="Picture or map", type="pil", height=220, sources=["upload", "clipboard"])
-                        sketch = gr.Sketchpad(label="Scribble (dark lines; flipped to white-on-black)", type="pil",
+                        # file paths, checked by our own loader first: it names a bad file (Gradio's would not)
+                        image = CheckedImage(label="Picture or map", type="filepath", height=220,
+                                         sources=["upload", "clipboard"])
+                        sketch = CheckedSketchpad(label="Scribble (dark lines; flipped to white-on-black)", type="filepath",
                                               height=220, canvas_size=(256, 256),
                                               brush=gr.Brush(colors=["#000000"], default_size=3, color_mode="fixed"))
                         shown = gr.Image(label="Map preview (what the ControlNet sees)", type="pil", height=220,

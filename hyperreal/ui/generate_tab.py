@@ -68,8 +68,10 @@ def build_generate_tab(generate: Callable, parse_parameters: Callable, defaults:
             """Wire Generate once every tab exists: ``extra_inputs`` are the method tabs' knobs (appended to
             generate's arguments); ``restore_extra(parameters) -> values`` puts an image's method settings back."""
             ins = inputs + list(extra_inputs)
-            run.click(_generate, ins, [gallery, info], api_name="generate", concurrency_id="gpu")
-            prompt.submit(_generate, ins, [gallery, info], api_name="generate_on_enter", concurrency_id="gpu")
+            # its own queue, so generation goes on while a training run holds the training queue; two workers, so a
+            # job fetching files from the hub (outside the base's lock, with a deadline) holds up no other job
+            for event, api in ((run.click, "generate"), (prompt.submit, "generate_on_enter")):
+                event(_generate, ins, [gallery, info], api_name=api, concurrency_id="generate", concurrency_limit=2)
 
             def _reuse(text):
                 d = parse_parameters(text or "")

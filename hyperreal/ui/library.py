@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import HyperrealError
 from ..registry import embedded_artifacts
 from ..settings import Settings
+from ..safety import as_path, within
 from ..sources import is_hub_id
 
 
@@ -49,25 +50,19 @@ class Library:
         for kind in ("adapter", "controlnet", "bridge"):
             if any(value == v for _, v in self.choices(kind)):
                 return value
-        p = Path(value).expanduser()
+        p = as_path(value, what)
         if p.exists() or "/" not in value or value.startswith((".", "/", "~")):
-            resolved = p.resolve()
-            roots = [self.settings.models.resolve(), self.settings.outputs.resolve()]
-            if not any(resolved == r or r in resolved.parents for r in roots):
+            try:
+                resolved = within(p, self.settings.models, self.settings.outputs, what=what)
+            except HyperrealError:
                 raise HyperrealError(f"'{value}' is not allowed: name a hub id (owner/name) or a file under "
-                                     f"{self.settings.models} (the models folder, HYPERREAL_MODELS)")
+                                     f"{self.settings.models} (the models folder, HYPERREAL_MODELS)") from None
             if not p.exists():
                 raise HyperrealError(f"{what} '{value}' does not exist")
             return str(resolved)
         if not is_hub_id(value):
             raise HyperrealError(f"'{value}' is not a hub id (owner/name), an offered {what} or a models-folder path")
         return value
-
-
-def session_folder(settings: Settings, request) -> Path:
-    """Uploads and computed maps of one browser session, never shared between sessions."""
-    sid = re.sub(r"\W+", "", getattr(request, "session_hash", None) or "anon")[:64] or "anon"
-    return settings.outputs.parent / f".{settings.outputs.name}-sessions" / sid
 
 
 def save_map(settings: Settings, image) -> str:

@@ -16,10 +16,11 @@ from typing import Callable
 
 import gradio as gr
 import pandas as pd
-from PIL import Image
 
-from ..datasets import IMAGE_SUFFIXES, load_examples, write_examples
+from ..datasets import IMAGE_SUFFIXES, load_examples, read_text, write_examples
 from ..errors import HyperrealError
+from ..images import open_image
+from ..safety import component, sanitized, unzip, within
 from ..jobs import TrainingJob
 
 
@@ -49,22 +50,27 @@ def collect_uploads(files: list[str] | None, default_caption: str, workdir: Path
     uploads.mkdir(parents=True, exist_ok=True)
     files = [Path(f) for f in files]
     texts = {f.stem: f for f in files if f.suffix.lower() == ".txt"}
-    found: list[tuple[Path, str]] = []
-    for f in files:
-        if f.suffix.lower() == ".zip":
-            found += [(Path(e.image), e.text) for e in load_examples(f, workdir / f"zip-{uuid.uuid4().hex[:8]}")]
-        elif f.suffix.lower() in IMAGE_SUFFIXES:
-            caption = texts[f.stem].read_text(encoding="utf-8").strip() if f.stem in texts else default_caption
-            found.append((f, caption))
-    if not found:
-        raise HyperrealError("No images in the upload: add .png/.jpg/.webp files (with NAME.txt captions if you "
-                             "have them) or one .zip of a captioned folder.")
-    rows = []
-    for src, caption in found:
-        name = f"{uuid.uuid4().hex[:6]}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', src.name)[-60:]}"
-        shutil.copyfile(src, uploads / name)
-        rows.append([name, caption])
-    return rows
+    unpacked = workdir / f"zip-{uuid.uuid4().hex[:8]}"
+    try:
+        found: list[tuple[Path, str]] = []
+        for f in files:
+            if f.suffix.lower() == ".zip":
+                found += [(Path(e.image), e.text) for e in load_examples(unzip(f, unpacked / f.stem))]
+            elif f.suffix.lower() in IMAGE_SUFFIXES:
+                caption = read_text(texts[f.stem], texts[f.stem].name).strip() if f.stem in texts else default_caption
+                found.append((f, caption))
+        if not found:
+            raise HyperrealError("No images in the upload: add .png/.jpg/.webp files (with NAME.txt captions if "
+                                 "you have them) or one .zip of a captioned folder.")
+        rows = []
+        for src, caption in found:
+            image = open_image(src)  # a damaged or oversized file is named now, not when training starts
+            name = f"{uuid.uuid4().hex[:6]}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', src.stem)[-56:]}.png"
+            image.save(uploads / name)
+            rows.append([name, caption])
+        return rows
+    finally:
+        shutil.rmtree(unpacked, ignore_errors=True)  # what was unpacked is copied; nothing else stays
 
 
 def table_rows(table) -> pd.DataFrame:
@@ -88,12 +94,14 @@ def dataset_from_table(table, workdir: Path) -> Path:
     items = []
     for name, c in zip(df.iloc[:, 0], df.iloc[:, 1]):
         name = str(name).strip()
-        path = uploads / name
         # only files this session uploaded: no folders, no paths elsewhere on the server
-        if Path(name).name != name or not path.is_file():
+        try:
+            path = within(uploads / component(name, "image"), uploads)
+        except HyperrealError:
+            path = None
+        if path is None or not path.is_file():
             raise HyperrealError(f"'{name}' is not one of the uploaded images; upload it again.")
-        with Image.open(path) as im:
-            items.append((im.convert("RGB"), str(c).strip()))
+        items.append((open_image(path), str(c).strip()))
     folder = workdir / f"dataset-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     return write_examples(folder, items)
 
@@ -133,7 +141,7 @@ def build_train_panel(method: str, build_knobs: Callable[[], dict], start: Calla
 
     def session_dir(request: gr.Request | None) -> Path:
         # uploads stay in a per-session folder
-        return workroot / ((request.session_hash if request else None) or "anon")
+        return workroot / sanitized(request.session_hash if request else None)
 
     with gr.Group():
         gr.Markdown("### Train\nUpload images (with `NAME.txt` captions, or one `.zip` of a captioned folder), "
@@ -207,7 +215,7 @@ def build_train_panel(method: str, build_knobs: Callable[[], dict], start: Calla
         return "No training is running."
 
     done = go.click(run, [table, *knobs.values()], [job_state, status, loss_plot, samples, out_files],
-                    api_name=f"train_{api}", concurrency_id="gpu")
+                    api_name=f"train_{api}", concurrency_id="train")
     stop.click(halt, job_state, status, api_name=f"stop_{api}", queue=False)
     return {"files": files, "table": table, "knobs": knobs, "status": status, "loss": loss_plot, "done": done,
             "samples": samples, "out_files": out_files, "workroot": workroot}

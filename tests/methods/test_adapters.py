@@ -159,7 +159,7 @@ def test_weights_that_do_not_move_stop_training(base, stars, tmp_path):
         p.requires_grad_(False)
     with pytest.raises(HyperrealError, match="no adapter weight receives a gradient"):
         training.train(frozen, training.TrainConfig(steps=10, batch_size=2, lr=1e-3), tmp_path / "out2")
-    with pytest.raises(HyperrealError, match="--lr must be between 0 and 1"):
+    with pytest.raises(HyperrealError, match=r"learning rate \(--lr\) must be above 0"):
         training.TrainConfig(lr=0.0).check()
 
 

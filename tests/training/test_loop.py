@@ -92,9 +92,9 @@ def test_cancel_stops_and_keeps_what_was_learnt(tmp_path):
 
 
 def test_bad_settings_are_refused(tmp_path):
-    with pytest.raises(HyperrealError, match="--lr must be between 0 and 1"):
+    with pytest.raises(HyperrealError, match=r"learning rate \(--lr\) must be above 0"):
         train(LineFit(), TrainConfig(steps=5, lr=0), tmp_path)
-    with pytest.raises(HyperrealError, match="--steps must be at least 1"):
+    with pytest.raises(HyperrealError, match=r"\(--steps\) must be at least 1"):
         train(LineFit(), TrainConfig(steps=0), tmp_path)
 
 

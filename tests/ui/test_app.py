@@ -1,40 +1,9 @@
 """The app as a client sees it: launched on the tiny base, driven through gradio_client."""
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-
-from hyperreal.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def app_url(tiny, tmp_path_factory, monkeypatch_module):
-    from hyperreal.ui.app import build_app, launch
-
-    tmp = tmp_path_factory.mktemp("app")
-    monkeypatch_module.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
-    settings = Settings(base="tiny", host="127.0.0.1", port=free_port(), outputs=tmp / "outputs")
-    demo = build_app(tiny, settings)
-    _, url, _ = launch(demo, settings, prevent_thread_lock=True, quiet=True)
-    try:
-        yield url, settings
-    finally:
-        demo.close()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 def test_generate_through_client(app_url):
@@ -86,12 +55,14 @@ def adapter_knobs(steps, **over):
     return list(k.values())
 
 
-@pytest.fixture(scope="module")
-def star_files(tmp_path_factory):
-    from bench.star import star_dataset
+def wait_until_training(job, seconds=120):
+    """Until a submitted training job reports its first step."""
+    import time
 
-    folder = star_dataset(tmp_path_factory.mktemp("stars"), n=4)
-    return sorted(folder.glob("*.png"))
+    t0 = time.time()
+    while not any(str(o[0]).startswith("Step ") for o in job.outputs()):
+        assert time.time() - t0 < seconds and not job.done(), job.outputs()
+        time.sleep(0.3)
 
 
 def upload(client, files, caption):
@@ -135,18 +106,13 @@ def test_train_adapter_then_use_it_in_generate(app_url, star_files):
 
 
 def test_stop_keeps_the_checkpoint(app_url, star_files):
-    import time
-
     from gradio_client import Client
 
     url, settings = app_url
     client = Client(url, verbose=False)
     table = upload(client, star_files, "a blue sks star")
     job = client.submit(table, *adapter_knobs(3000, name="stopped", sample_every=0), api_name="/train_adapter")
-    t0 = time.time()
-    while not any(str(o[0]).startswith("Step ") for o in job.outputs()):
-        assert time.time() - t0 < 120 and not job.done(), job.outputs()
-        time.sleep(0.5)
+    wait_until_training(job)
     said = client.predict(api_name="/stop_adapter")
     assert "Stopping" in said
     final = job.result(timeout=120)
@@ -182,17 +148,6 @@ def generate_args(prompt="a red circle", seed=5, steps=8, adapter=None, controln
 def image_bytes(result):
     with Image.open(result[0][0]["image"]) as im:
         return im.tobytes()
-
-
-@pytest.fixture(scope="module")
-def scene_files(tmp_path_factory):
-    from hyperreal.datasets import write_examples
-    from hyperreal.shapes.world import sample_scene, BASE_SHAPES
-    import random
-
-    rng = random.Random(3)
-    folder = write_examples(tmp_path_factory.mktemp("scenes"), [sample_scene(rng, BASE_SHAPES) for _ in range(4)])
-    return sorted(folder.glob("*.png"))
 
 
 def test_train_controlnet_then_use_it_with_a_previewed_map(app_url, scene_files):

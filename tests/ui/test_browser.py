@@ -5,14 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from .test_app import app_url, free_port, monkeypatch_module  # noqa: F401  (shared launched app)
-
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (.ci/run installs it)")
-def test_generate_in_a_browser(app_url, tmp_path):  # noqa: F811
+def test_generate_in_a_browser(app_url, tmp_path):
     from playwright.sync_api import sync_playwright
 
     url, settings = app_url

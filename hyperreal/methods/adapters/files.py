@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from peft import (LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, get_peft_model_state_dict,
                   set_peft_model_state_dict)
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ... import sources
 from ...errors import HyperrealError
@@ -136,9 +136,9 @@ def save_adapter(pipe, name: str, spec: AdapterSpec, out: str | Path, info: dict
     if spec.kind == "oft":
         sd = {f"{comp}.{k}": v.detach().float().contiguous().cpu() for comp, model in components(pipe, spec.text_encoder)
               for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
-        save_file({**sd, **bundled}, main, metadata={**meta, "hyperreal_format": "peft"})
+        sources.save_safetensors({**sd, **bundled}, main, metadata={**meta, "hyperreal_format": "peft"})
     else:
-        save_file({**kohya_state_dict(pipe, name, spec), **bundled}, main,
+        sources.save_safetensors({**kohya_state_dict(pipe, name, spec), **bundled}, main,
                   metadata={**meta, "hyperreal_format": "kohya"})
     paths.append(main)
     if spec.kind in ("lora", "dora"):
@@ -161,7 +161,7 @@ def save_adapter(pipe, name: str, spec: AdapterSpec, out: str | Path, info: dict
         # beside the diffusers LoRA, the form diffusers' advanced DreamBooth script writes (key "clip_l")
         emb = out / "diffusers" / f"{safe_name(word)}_emb.safetensors"
         emb.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"clip_l": v}, emb, metadata={"hyperreal_token": word})
+        sources.save_safetensors({"clip_l": v}, emb, metadata={"hyperreal_token": word})
         paths.append(emb)
         loads_in[emb] = (f"diffusers: pipe.load_textual_inversion(load_file(path)['clip_l'], token='{word}') "
                          "beside the LoRA")

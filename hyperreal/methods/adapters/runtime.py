@@ -9,6 +9,8 @@ import itertools
 import json
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 from ... import sources
 from ...errors import HyperrealError
 from ...pipelines import JobKey
@@ -140,4 +142,24 @@ def apply_job_adapters(base, items: list[dict] | None, call):
     return job_adapters(call.pipe, items)
 
 
-JOB = JobKey("adapters", check_job_adapters, apply_job_adapters, always=True)
+def prepare_job_adapters(base, items: list[dict]) -> list[dict]:
+    """Adapters named by hub id are downloaded before the job takes the base's lock, with a deadline; the job then
+    loads the local file (loading into the shared pipeline itself needs the lock)."""
+    out = []
+    for it in items:
+        if resolve_source(it["path"]).how == "hub":
+            folder = sources.with_deadline(lambda it=it: _download(it["path"]), f"adapter '{it['path']}'")
+            it = {**it, "path": folder}
+        out.append(it)
+    return out
+
+
+def _download(repo: str) -> str:
+    try:
+        return snapshot_download(repo, allow_patterns=["*.safetensors", "*.json"])
+    except Exception as e:  # every hub failure becomes one sentence
+        cause, fix = sources.load_error("adapter", repo, e)
+        raise HyperrealError(f"could not load adapter '{repo}': {cause}" + (f"; {fix}" if fix else "")) from None
+
+
+JOB = JobKey("adapters", check_job_adapters, apply_job_adapters, always=True, prepare=prepare_job_adapters)

@@ -15,10 +15,10 @@ from typing import Iterator
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image
 
 from ...datasets import IMAGE_SUFFIXES, encode_images, encode_prompts, image_tensor, load_examples, write_examples
 from ...errors import HyperrealError
+from ...images import open_image
 from ...loading import plain
 from ...pipelines import generate_images
 from ...training import BesideTheBase, DenoisingObjective
@@ -82,6 +82,8 @@ def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = N
     elif req.adapts_text_encoder:
         raise HyperrealError("--kind full fine-tunes the UNet only; drop --train-text-encoder")
     check_resolution(req.resolution)
+    if req.text_encoder_lr is not None and not 0 < req.text_encoder_lr < 1:
+        raise HyperrealError(f"--text-encoder-lr must be between 0 and 1, got {req.text_encoder_lr}")
     instances = instance_examples(req.data, req.trigger)
     steps, guidance = base.defaults["steps"], base.defaults["guidance"]
     size = (req.resolution, req.resolution) if req.resolution else (base.defaults["width"], base.defaults["height"])
@@ -151,14 +153,14 @@ def instance_examples(data: str | Path, trigger: str | None) -> list[tuple[objec
             raise HyperrealError(f"dataset '{data}' has images but no captions: pass --trigger 'a photo of sks dog' "
                                  "to caption them all, or add NAME.txt / metadata.jsonl")
         if images:
-            return [(Image.open(f).convert("RGB"), trigger) for f in images]
+            return [(open_image(f), trigger) for f in images]
     examples = load_examples(p)
     out = []
     for e in examples:
         text = e.text
         if trigger and trigger.lower() not in text.lower():
             text = f"{trigger}, {text}"  # kohya's habit: the trigger leads every caption
-        out.append((Image.open(e.image).convert("RGB"), text))
+        out.append((open_image(e.image), text))
     return out
 
 
@@ -235,7 +237,7 @@ def class_images(pipe, prompts: list[str], count: int, folder: Path, steps: int,
     if meta.is_file():
         rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
         if [r["text"] for r in rows] == wanted:
-            return [(Image.open(folder / r["file_name"]).convert("RGB"), r["text"]) for r in rows]
+            return [(open_image(folder / r["file_name"]), r["text"]) for r in rows]
     with adapters_disabled(pipe):
         images = generate_images(pipe, [(p, seed + i) for i, p in enumerate(wanted)], steps, guidance,
                                  **_size(size))
@@ -346,7 +348,8 @@ class AdapterLearner(_DiffusionLearner):
         te_params = [p for p in self.params if id(p) in te]
         groups = [{"params": unet_params}]
         if te_params:
-            groups.append({"params": te_params, **({"lr": self.text_encoder_lr} if self.text_encoder_lr else {})})
+            groups.append({"params": te_params,
+                           **({"lr": self.text_encoder_lr} if self.text_encoder_lr is not None else {})})
         return groups
 
     def loss(self, batch) -> torch.Tensor:

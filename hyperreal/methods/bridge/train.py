@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ... import training
-from ...datasets import encode_images, encode_prompts, image_tensor, load_examples
+from ...datasets import encode_images, encode_prompts, image_tensor, load_examples, read_text
 from ...errors import HyperrealError
+from ...safety import as_path
+from ...images import open_image
 from ...training import BesideTheBase, DenoisingObjective
 from ...training.memory import check_resolution
 from ...training.sampling import noise_and_timesteps
@@ -40,9 +42,9 @@ class BridgeData:
 
 def read_captions(data: str) -> BridgeData:
     """Captions (and images when there are any) from a captions .txt or a dataset folder/zip."""
-    p = Path(data).expanduser()
+    p = as_path(data, "data")
     if p.is_file() and p.suffix.lower() == ".txt":
-        caps = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        caps = [line.strip() for line in read_text(p).splitlines() if line.strip()]
         if not caps:
             raise HyperrealError(f"captions file '{data}' is empty (one caption per line)")
         return BridgeData(caps)
@@ -52,8 +54,7 @@ def read_captions(data: str) -> BridgeData:
 
     def images():
         for e in examples:
-            with Image.open(e.image) as im:
-                yield im, e.text
+            yield open_image(e.image), e.text
 
     return BridgeData([e.text for e in examples], images)
 

@@ -19,6 +19,7 @@ from PIL import Image
 from huggingface_hub import hf_hub_download
 
 from ...errors import HyperrealError
+from ... import sources
 from ...sources import is_hub_id
 
 ANNOTATORS_ENV = "HYPERREAL_ANNOTATORS"
@@ -136,9 +137,12 @@ def find_weights(filename: str, annotators: str | None = None) -> tuple[str | No
             return path, f"weights from {source}"
         return None, f"no {filename} in folder {source}"
     try:
-        return hf_hub_download(source, filename, local_files_only=_offline()), f"weights from {source}"
+        path = sources.with_deadline(lambda: hf_hub_download(source, filename, local_files_only=_offline()),
+                                     f"{filename} from {source}")
+        return path, f"weights from {source}"
     except Exception as err:
-        why = "not in the local cache and HF_HUB_OFFLINE=1" if _offline() else type(err).__name__
+        why = ("not in the local cache and HF_HUB_OFFLINE=1" if _offline()
+               else str(err) if isinstance(err, HyperrealError) else type(err).__name__)
         return None, f"{filename} could not be had from {source} ({why})"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel
 from diffusers.utils import logging as diffusers_logging
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ... import sources
 from ...errors import HyperrealError
@@ -31,7 +31,7 @@ def save_controlnet(controlnet, out: str | Path, info: dict | None = None, name:
     info = {k: v for k, v in (info or {}).items() if _jsonable(v)}
     single = out / f"{name}.safetensors"
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(sd, single, metadata={"format": "pt", "hyperreal_kind": "controlnet",
+    sources.save_safetensors(sd, single, metadata={"format": "pt", "hyperreal_kind": "controlnet",
                                     "hyperreal_config": json.dumps(dict(model.config)),
                                     "hyperreal_info": json.dumps(info)})
     (out / "controlnet.json").write_text(json.dumps({

@@ -13,6 +13,8 @@ from PIL import Image
 
 from ... import sources
 from ...errors import HyperrealError
+from ...images import open_image
+from ...safety import as_path
 from ...pipelines import JobKey, generate_images
 from .conditions import condition_map, extractor_params, resize_mode_of
 from .files import load_controlnet, resolve_source
@@ -75,7 +77,10 @@ EXAMPLE_UNIT = '{"path": "my_controlnet", "image": "edges.png", "scale": 1.0, "s
 
 
 def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def check_job_controlnet(items, where: str = "job") -> list[dict]:
@@ -109,15 +114,17 @@ def check_job_controlnet(items, where: str = "job") -> list[dict]:
         img = it.get("image")
         if not isinstance(img, str) or not img.strip():
             raise bad(i, "needs an \"image\": the condition map (or a photo with \"preprocess\") as a file path")
-        p = Path(img).expanduser()
+        try:
+            p = as_path(img, "image")
+        except HyperrealError as e:
+            raise bad(i, str(e)) from None
         if not p.is_file():
             raise bad(i, f"image '{img}' does not exist (relative paths are read from the current directory "
                          f"{Path.cwd()})")
         try:
-            with Image.open(p) as im:
-                im.verify()
-        except Exception:
-            raise bad(i, f"image '{img}' is not a readable image") from None
+            open_image(p, img)
+        except HyperrealError as e:
+            raise bad(i, str(e)) from None
         unit = {"path": it["path"].strip(), "image": img}
         for k, default, lo, hi in (("scale", 1.0, 0.0, MAX_SCALE), ("start", 0.0, 0.0, 1.0), ("end", 1.0, 0.0, 1.0)):
             v = it.get(k, default)
@@ -155,8 +162,7 @@ def unit_map(unit: dict, width: int, height: int) -> Image.Image:
     """The condition map a job unit asks for, at the generation size."""
     pre = unit.get("preprocess", "none")
     params = extractor_params(pre, unit.get("canny_low", 100), unit.get("canny_high", 200)) if pre != "none" else {}
-    with Image.open(Path(unit["image"]).expanduser()) as im:
-        img = im.convert("RGB")
+    img = open_image(Path(unit["image"]).expanduser(), unit["image"])
     return condition_map(pre, img, width, height, unit.get("resize_mode", "crop and resize"), **params)
 
 
@@ -183,4 +189,11 @@ def job_controlnet(base, units: list[dict] | None, call):
         yield call
 
 
-JOB = JobKey("controlnet", check_job_controlnet, job_controlnet)
+def prepare_job_controlnet(base, units: list[dict]) -> list[dict]:
+    """Each unit's ControlNet loaded into the base's cache before the job takes the base's lock, with a deadline."""
+    for u in units:
+        sources.with_deadline(lambda u=u: cached_controlnet(base, u["path"]), f"ControlNet '{u['path']}'")
+    return units
+
+
+JOB = JobKey("controlnet", check_job_controlnet, job_controlnet, prepare=prepare_job_controlnet)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from ...datasets import encode_images, encode_prompts, fit_image, image_tensor, load_examples
 from ...errors import HyperrealError
+from ...images import open_image
 from ...training import BesideTheBase, DenoisingObjective
 from ...training.memory import check_resolution
 from ...training.sampling import EpochQueue, drop_captions, noise_and_timesteps
@@ -83,11 +84,11 @@ def dataset_examples(data: str | Path, extractor: str, width: int, height: int,
                 "an extractor (canny, softedge, pose) to compute the maps from the images.")
     out = []
     for e in examples:
-        img = fit_image(Image.open(e.image), width, height)
+        img = fit_image(open_image(e.image), width, height)
         try:
             if extractor == "given":
                 # a map given with the data is used as the user made it (no polarity guess), aligned the same way
-                m = condition_map("given", fit_image(Image.open(e.conditioning_image), width, height), width, height,
+                m = condition_map("given", fit_image(open_image(e.conditioning_image), width, height), width, height,
                                   polarity="keep")
             else:
                 m = condition_map(extractor, img, width, height, **params)
@@ -229,7 +230,7 @@ def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = N
     params = extractor_params(req.extractor, req.canny_low, req.canny_high, req.softedge_model, req.annotators)
     examples = dataset_examples(req.data, req.extractor, width, height, **params)
     data = ControlNetData(base.pipe, examples, width, height, req.caption_dropout)
-    maps = [condition_map("none", Image.open(m), width, height) for m in req.sample_maps]
+    maps = [condition_map("none", open_image(m), width, height) for m in req.sample_maps]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(req.seed)
         cn = new_controlnet(base.pipe, req.conditioning_channels)
