@@ -105,8 +105,7 @@ def star_trial(base, req: TrainRequest, cfg, out: str | Path, star_pairs, plain_
 
 def star_benchmark(kinds: list[str], work: str | Path, steps: int | None = None, batch_size: int | None = None,
                    class_images: int = STAR_CLASS_IMAGES, repeats: int = STAR_REPEATS, n_prompts: int = 32,
-                   base_name: str = "tiny",
-                   log=print) -> dict:
+                   base_name: str = "tiny", log=print, vae: str | None = None) -> dict:
     """Teach the reserved shape: each kind (and ``full``) trains on the same 8 star images, class images and
     step budget, then is measured on held-out star prompts and on prompts without the trigger (drift, accuracy).
     Steps, batch size and learning rates default to the base's recipe (its defaults' adapter_train).
@@ -116,7 +115,7 @@ def star_benchmark(kinds: list[str], work: str | Path, steps: int | None = None,
     star_pairs = star_prompts(n_prompts)
     one, two = held_out_prompts(n_prompts - n_prompts // 2, n_prompts // 2)
     plain_pairs = one + two
-    base = load_base(base_name)
+    base = load_base(base_name, vae=vae)
     recipe = base.defaults["adapter_train"]
     steps, batch_size = steps or recipe["steps"], batch_size or recipe["batch_size"]
     gen_steps, guidance = base.defaults["steps"], base.defaults["guidance"]
@@ -138,7 +137,7 @@ def star_benchmark(kinds: list[str], work: str | Path, steps: int | None = None,
                                    lr=recipe["full_lr"] if kind == "full" else recipe["lr"],
                                    log_every=max(steps // 4, 1))
         # a fresh base per kind: nothing carries over between runs
-        row = star_trial(load_base(base_name), req, cfg, work / kind, star_pairs, plain_pairs, base_plain,
+        row = star_trial(load_base(base_name, vae=vae), req, cfg, work / kind, star_pairs, plain_pairs, base_plain,
                          on_event=lambda e, kind=kind: e.kind == "step" and log(
                              f"  {kind} step {e.step}/{e.total} loss {e.loss:.4f}"))
         row["accuracy_change_points"] = round(100 * (row["colour_shape_accuracy"] - base_acc), 1)

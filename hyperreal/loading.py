@@ -16,7 +16,7 @@ from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.peft_utils import recurse_remove_peft_layers
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from . import sources
+from . import single_file, sources
 from .errors import HyperrealError
 from .registry import find_embedded
 from .safety import as_path
@@ -25,8 +25,9 @@ from .training.memory import half_dtype
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # SD1.5's own configs (JSON, no weights) and CLIP tokenizer, for loading single files offline and for building
 # SD1.5-shaped models in tests
-SD15_CONFIGS = Path(__file__).resolve().parent / "configs" / "sd15"
+SD15_CONFIGS = single_file.SD15_CONFIGS
 BASE_ENV = "HYPERREAL_BASE"
+VAE_ENV = "HYPERREAL_VAE"  # read by the CLI's and the app's --vae defaults, not by load_base
 # What a base gets when its folder carries no hyperreal.json: SD1.5's own recommendations and recipes. A base's
 # hyperreal.json overrides any of these keys (the tiny model's does); method code reads what differs per base here.
 HUB_DEFAULTS = {
@@ -79,10 +80,12 @@ def resolve_base(base: str | None) -> str:
 class BaseModel:
     """A loaded, frozen base pipeline and what the UI/CLI need to know about it."""
 
-    name: str
-    source: str  # folder or hub id it came from
+    name: str  # what images and trained files record as the base (a single file: its file name)
+    source: str  # folder, single file or hub id it came from
     pipe: object
     defaults: dict = field(default_factory=lambda: dict(HUB_DEFAULTS))
+    config: str | None = None  # a single file's config folder, when one was given
+    vae: str | None = None  # the VAE override it was loaded with
     lock: threading.Lock = field(default_factory=threading.Lock)
     training: threading.Event = field(default_factory=threading.Event)  # a run has new modules on this pipe
     _twin: "BaseModel | None" = field(default=None, repr=False)
@@ -109,11 +112,12 @@ class BaseModel:
         with self._twin_lock:
             if self._twin is None:
                 try:
-                    twin = load_base(self.source, device=str(self.device), dtype=self.pipe.unet.dtype)
+                    twin = load_base(self.source, device=str(self.device), dtype=self.pipe.unet.dtype,
+                                     config=self.config, vae=self.vae)
                 except torch.OutOfMemoryError:
                     raise HyperrealError("A training run is using this base and there is no memory for a second "
                                          "copy to generate with; generate when the run ends.") from None
-                self._twin = BaseModel(self.name, self.source, twin.pipe, self.defaults)
+                self._twin = BaseModel(self.name, self.source, twin.pipe, self.defaults, self.config, self.vae)
         return self._twin
 
 
@@ -126,50 +130,74 @@ def base_defaults(folder: str | Path | None) -> dict:
     return defaults
 
 
-def _base_source(name: str) -> str:
-    """The folder (embedded or local) or hub id a base loads from."""
+def _base_source(name: str) -> tuple[str, str]:
+    """("folder" | "file" | "hub", where) a base loads from: an embedded or local diffusers folder, one
+    .safetensors checkpoint, or a hub id."""
     art = find_embedded(name, "base")
     path = art.path if art is not None else as_path(name, "base model")
-    if not path.is_dir():
-        if path.suffix in {".safetensors", ".ckpt"} or name.startswith((".", "/", "~")):
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
             raise HyperrealError(
-                f"Could not load base model '{name}': no such folder. Single-file checkpoints are not supported; "
-                "pass a diffusers folder, a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5, or `--base tiny`.")
-        return name  # a hub id: whatever from_pretrained makes of it, explained if it fails
-    if not (path / "model_index.json").is_file():
+                f"Could not load base model '{name}': the folder has no model_index.json, so it is not a diffusers "
+                "pipeline folder. Fix: point --base at the folder that holds model_index.json (saved with "
+                "`save_pretrained`), a single SD1.5 .safetensors checkpoint, a hub id, or use `--base tiny`.")
+        return "folder", str(path)
+    if path.is_file() or path.suffix.lower() in (".safetensors", *single_file.PICKLED):
+        single_file.check_file(path, name)  # pickles refused, a missing file named
+        return "file", str(path.resolve())
+    if name.startswith((".", "/", "~")) or not sources.is_hub_id(name):
         raise HyperrealError(
-            f"Could not load base model '{name}': the folder has no model_index.json, so it is not a diffusers "
-            "pipeline folder. Fix: point --base at the folder that holds model_index.json (saved with "
-            "`save_pretrained`), a hub id, or use `--base tiny`.")
-    return str(path)
+            f"Could not load base model '{name}': no such folder or file. Fix: pass a diffusers folder, a single "
+            "SD1.5 .safetensors checkpoint, a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5, or `--base tiny`.")
+    return "hub", name  # whatever from_pretrained makes of it, explained if it fails
 
 
-def load_base(base: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> BaseModel:
+def load_base(base: str | None = None, device: str | None = None, dtype: torch.dtype | None = None, *,
+              config: str | Path | None = None, vae: str | None = None) -> BaseModel:
+    """A base by name (see :func:`resolve_base`): an embedded name, a diffusers folder, one SD1.x ``.safetensors``
+    checkpoint in the original layout (``config``: its diffusers config folder; default ``NAME.config/`` beside the
+    file, else SD1.5's shipped configs) or a hub id. ``vae``: a VAE file, folder or hub id used instead of the
+    base's own (:func:`hyperreal.single_file.load_vae`)."""
     name = resolve_base(base)
     dev, dt = pick_device()
     device, dtype = device or dev, dtype or dt
-    source = _base_source(name)
+    how, source = _base_source(name)
+    if config is not None and how != "file":
+        raise HyperrealError(f"a config folder is for single-file bases; '{name}' is a {how}")
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True)
-    except Exception as err:  # every loading failure becomes one actionable sentence
-        cause, fix = sources.load_error("base model", name, err)
-        fix = fix or "check that it is a Stable Diffusion 1.x model in the diffusers layout"
-        raise HyperrealError(f"Could not load base model '{name}': {cause}. Fix: {fix}, or use the embedded model "
-                             "with `--base tiny` (or a local diffusers folder containing model_index.json).") from err
+        folder = single_file.config_folder(source, config) if how == "file" else None
+        override = single_file.load_vae(vae, folder or (source if how == "folder" else None), dtype) if vae else None
+        if how == "file":
+            pipe = single_file.load_pipeline(source, folder, override, dtype, shown=name)
+        else:
+            pipe = _from_pretrained(name, source, dtype, override)
     finally:
         diffusers_logging.set_verbosity(verbosity)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False).eval()
-    defaults = base_defaults(source if Path(source).is_dir() else None)
+    defaults = base_defaults(folder if how == "file" else source if how == "folder" else None)
     if defaults["vae_slicing"]:
         pipe.vae.enable_slicing()
     if defaults["vae_tiling"]:
         pipe.vae.enable_tiling()
-    return BaseModel(name=name, source=source, pipe=pipe, defaults=defaults)
+    # a single file is known by its file name (images' "Model:", trained files' ss_sd_model_name), as in A1111
+    return BaseModel(name=Path(source).name if how == "file" else name, source=source, pipe=pipe, defaults=defaults,
+                     config=None if config is None else str(config), vae=vae)
+
+
+def _from_pretrained(name: str, source: str, dtype: torch.dtype, vae=None):
+    try:
+        return StableDiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True,
+                                                       **({"vae": vae} if vae is not None else {}))
+    except Exception as err:  # every loading failure becomes one actionable sentence
+        cause, fix = sources.load_error("base model", name, err)
+        fix = fix or "check that it is a Stable Diffusion 1.x model in the diffusers layout"
+        raise HyperrealError(f"Could not load base model '{name}': {cause}. Fix: {fix}, or use the embedded model "
+                             "with `--base tiny` (or a local diffusers folder containing model_index.json).") from err
 
 
 def plain(model):

@@ -186,9 +186,7 @@ def train_controlnet(base: BaseModel, req: controlnet.TrainRequest, cfg: TrainCo
 
     paths, measured = runner(Session(out, open_, _loop(cfg, out), report), say.relay, cancel, resume)
     for p in paths:
-        where = ("diffusers (ControlNetModel.from_pretrained), hyperreal" if Path(p).is_dir()
-                 else "hyperreal (diffusers keys; config in the header)")
-        say(f"wrote {p} (loads in: {where})", cfg.steps)
+        say(f"wrote {p} (loads in: {controlnet.loads_in_line(p)})", cfg.steps)
     losses = json.loads((out / "losses.json").read_text())
     figures = {"base": base.name, "extractor": req.extractor, "steps": cfg.steps, "batch_size": cfg.batch_size,
                "lr": cfg.lr, **measured, "train_seconds": training.training_seconds(out),

@@ -21,7 +21,8 @@ def test_tiny_loads_frozen_on_cpu(tiny):
 @pytest.mark.parametrize("base, words", [
     ("someone/not-a-model", "not in the local Hugging Face cache"),
     ("./missing-folder", "no such folder"),
-    ("model.safetensors", "Single-file checkpoints are not supported"),
+    ("model.safetensors", "no such file"),
+    ("model.ckpt", "pickled .ckpt files are never loaded"),
 ])
 def test_unloadable_bases_explain_themselves(base, words):
     with pytest.raises(HyperrealError) as e:

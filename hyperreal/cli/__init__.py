@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="make images from a prompt or a JSONL file of jobs")
-    g.add_argument("--base", default=None, help="tiny | hub id | local diffusers folder (default: auto)")
+    common.add_base_arg(g)
     g.add_argument("--prompt")
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--jobs", help="JSONL file, one job per line: prompt, seed, [negative_prompt, steps, guidance, width, height]")

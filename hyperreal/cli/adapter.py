@@ -91,7 +91,7 @@ def evaluate(args) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="hyperreal-eval-adapter-"))
     figures = star.star_benchmark(kinds, work, steps=args.steps, batch_size=args.batch_size,
                                   class_images=args.class_images, repeats=args.repeats, n_prompts=args.prompts,
-                                  base_name=args.base)
+                                  base_name=args.base, vae=args.vae)
     figures["work"] = str(work)
     if args.json:
         print(json.dumps(figures))

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from ..errors import HyperrealError
 from ..generation import check_prompt_length, job_from_dict, read_job_lines, run_job, save_png
-from ..loading import load_base
 from ..registry import embedded_artifacts
 from ..shapes import benchmark
+from . import common
 
 
 # --- generate -------------------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def cmd_generate(args) -> int:
         d = {"prompt": args.prompt, "seed": args.seed, "negative_prompt": args.negative_prompt, **overrides}
         jobs = [job_from_dict(d, "--prompt")]
         targets = [Path(args.out or (Path(args.out_dir or ".") / "0000.png"))]
-    base = load_base(args.base)  # once for the whole file
+    base = common.load(args)  # once for the whole file
     for where, job in zip(wheres, jobs):  # every prompt fits before any image is made
         check_prompt_length(base.pipe.tokenizer, job, where)
     for job, target in zip(jobs, targets):
@@ -62,7 +62,7 @@ TARGETS = {"one_object_colour_shape": 0.85, "two_objects_colour_shape": 0.65, "s
 
 
 def cmd_eval_base(args) -> int:
-    base = load_base(args.base)
+    base = common.load(args)
     steps = args.steps or base.defaults["steps"]
     guidance = args.guidance if args.guidance is not None else base.defaults["guidance"]
     t0 = time.time()

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from .. import services
 from ..errors import HyperrealError
-from ..loading import load_base
 from ..methods import bridge
 from ..registry import find_embedded
 from . import common
@@ -76,7 +75,7 @@ def evaluate(args) -> int:
         bridges = {mode: f"tiny-bridge:{mode}" for mode in art.info.get("files", {})}
     for src in bridges.values():
         bridge.read_header(bridge.resolve_bridge_path(src))
-    base = load_base(args.base)
+    base = common.load(args)
     if base.name != "tiny":
         raise HyperrealError("eval bridge measures the tiny base's shapes world; use --base tiny")
     figures = synonyms.benchmark(base, bridges, args.synonym_prompts, args.original_prompts)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
 from .. import services
-from ..loading import load_base
+from ..loading import VAE_ENV, load_base
 from ..training import TrainConfig, memory
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -26,14 +27,27 @@ def bench(name: str):
 JSON_HELP = "print the figures as one JSON object on the last line"
 
 
+BASE_HELP = ("tiny | hub id | local diffusers folder | one SD1.5 .safetensors checkpoint (configs from NAME.config/ "
+             "beside it, else SD1.5's) (default: HYPERREAL_BASE, else auto)")
+VAE_HELP = ("a VAE to use instead of the base's: a .safetensors VAE file (original or diffusers keys), a diffusers "
+            "VAE folder or a hub id (default: HYPERREAL_VAE)")
+
+
 def add_base_arg(p, default=None) -> None:
-    p.add_argument("--base", default=default, help="tiny | hub id | local diffusers folder (default: auto)")
+    """--base and --vae."""
+    p.add_argument("--base", default=default, help=BASE_HELP)
+    p.add_argument("--vae", default=os.environ.get(VAE_ENV) or None, help=VAE_HELP)
+
+
+def load(args):
+    """The base a command names (--base, --vae)."""
+    return load_base(args.base, vae=getattr(args, "vae", None))
 
 
 def add_eval_parser(esub, what: str, help_text: str, func):
     """An ``eval WHAT`` subcommand on the tiny base, with --json; the caller adds its own options."""
     p = esub.add_parser(what, help=help_text)
-    p.add_argument("--base", default="tiny")
+    add_base_arg(p, "tiny")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=func)
     return p
@@ -53,7 +67,7 @@ def run_training(args, req, check, train, method: str, variant: str | None = Non
     train_config(args)
     out = Path(args.out)
     req = check(req, out)
-    base = load_base(args.base)
+    base = load(args)
     cfg = train_config(args, services.train_settings(base, method, variant, args.vram))
     report = train(base, req, cfg, out, on_event=console_progress(out), resume=args.resume, **options)
     return finish(args, report.figures)

@@ -9,7 +9,6 @@ from PIL import Image
 
 from .. import services
 from ..errors import HyperrealError
-from ..loading import load_base
 from ..methods import controlnet
 from . import common
 from .common import bench
@@ -63,7 +62,7 @@ def evaluate(args) -> int:
     if not 0 <= args.scale <= controlnet.MAX_SCALE:
         raise HyperrealError(f"--scale must be between 0 and {controlnet.MAX_SCALE:g}, got {args.scale}")
     controlnet.resolve_source(args.controlnet)  # an unknown path fails before the base loads
-    base = load_base(args.base)
+    base = common.load(args)
     t0 = time.time()
     figures = edges.benchmark(base, args.controlnet, n=args.scenes,
                               seed=edges.EVAL_SEED if args.seed is None else args.seed, scale=args.scale,

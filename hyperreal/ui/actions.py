@@ -17,6 +17,7 @@ from ..loading import BaseModel
 from ..methods import adapters, bridge, controlnet
 from ..training import TrainConfig
 from .. import zerogpu
+from .bases import holding
 from .library import Library
 
 
@@ -43,10 +44,15 @@ def _name(knobs: dict, default: str) -> str:
     return re.sub(r"[^\w.-]+", "_", knobs.get("name") or default).strip("_") or default
 
 
-def adapter_trainer(base: BaseModel, library: Library):
-    """``start(data_dir, knobs, on_event, cancel) -> artifacts`` for the Adapters tab's Train panel."""
+def adapter_trainer(current, library: Library):
+    """``start(data_dir, knobs, on_event, cancel) -> artifacts`` for the Adapters tab's Train panel; ``current``: the
+    app's :class:`~hyperreal.ui.bases.CurrentBase` (held for the run, no switching), or a BaseModel."""
 
     def start(data: Path, knobs: dict, on_event, cancel) -> list[Path]:
+        with holding(current) as base:
+            return _train_adapter(base, data, knobs, on_event, cancel)
+
+    def _train_adapter(base: BaseModel, data: Path, knobs: dict, on_event, cancel) -> list[Path]:
         kind = knobs["kind"]
         req = adapters.TrainRequest(
             data=str(data), kind=kind, rank=int(knobs["rank"]), alpha=knobs.get("alpha") or None,
@@ -72,10 +78,14 @@ def adapter_trainer(base: BaseModel, library: Library):
     return start
 
 
-def controlnet_trainer(base: BaseModel, library: Library):
+def controlnet_trainer(current, library: Library):
     """``start(data_dir, knobs, on_event, cancel)`` for the ControlNet tab's Train panel."""
 
     def start(data: Path, knobs: dict, on_event, cancel) -> list[Path]:
+        with holding(current) as base:
+            return _train_controlnet(base, data, knobs, on_event, cancel)
+
+    def _train_controlnet(base: BaseModel, data: Path, knobs: dict, on_event, cancel) -> list[Path]:
         name = _name(knobs, "controlnet")
         req = controlnet.TrainRequest(data=str(data), extractor=knobs["extractor"],
                                       canny_low=int(knobs["canny_low"]), canny_high=int(knobs["canny_high"]),
@@ -97,10 +107,14 @@ def controlnet_trainer(base: BaseModel, library: Library):
     return start
 
 
-def bridge_trainer(base: BaseModel, library: Library):
+def bridge_trainer(current, library: Library):
     """``start(data_dir or None, knobs, on_event, cancel)`` for the Encoder bridge tab's Train panel."""
 
     def start(data: Path | None, knobs: dict, on_event, cancel) -> list[Path]:
+        with holding(current) as base:
+            return _train_bridge(base, data, knobs, on_event, cancel)
+
+    def _train_bridge(base: BaseModel, data: Path | None, knobs: dict, on_event, cancel) -> list[Path]:
         name = _name(knobs, "bridge")
         source = knobs.get("data_source") or "uploaded"
         if source == "shapes":

@@ -17,6 +17,7 @@ from .actions import (adapter_trainer, bridge_trainer, condition_map, controlnet
                       sketch_image)
 from .adapters_tab import SLOTS as ADAPTER_SLOTS
 from .adapters_tab import adapters_from_inputs, build_adapters_tab
+from .bases import CurrentBase, build_base_picker
 from .bridge_tab import bridge_train_knobs, build_bridge_tab
 from .controlnet_tab import build_controlnet_tab, controlnet_train_knobs, units_from_inputs
 from .generate_tab import build_generate_tab
@@ -50,7 +51,10 @@ class MethodInputs:
 
 
 def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
+    # the base can be switched from the page: everything below reads current.base when it runs
+    current = CurrentBase(base, settings)
     library = Library(settings, base.name)
+    current.listeners.append(lambda new: setattr(library, "base_name", new.name))
     methods: list[MethodInputs] = []
 
     @user_errors
@@ -67,7 +71,7 @@ def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
         # a method value goes through the same checks as a jobs file
         job = job_from_dict({k: v for k, v in asdict(job).items() if v is not None}, "Generate")
         # while a training run has the base's pipe, a second copy serves generation (BaseModel.for_generation)
-        return generate_to_folder(base.for_generation(), job, count, settings.outputs)
+        return generate_to_folder(current.base.for_generation(), job, count, settings.outputs)
 
     def adapters_job(values, width, height):
         items = adapters_from_inputs(values)
@@ -82,7 +86,7 @@ def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
         return out
 
     def controlnet_choices():  # the base's own hub ControlNets (its defaults) after the library's
-        return library.choices("controlnet") + [(f"{h} (hub)", h) for h in base.defaults["controlnets"]]
+        return library.choices("controlnet") + [(f"{h} (hub)", h) for h in current.base.defaults["controlnets"]]
 
     def controlnet_to_job(values, width, height):
         guess, units = units_from_inputs(values)
@@ -109,28 +113,33 @@ def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
     examples, caption = base.defaults["examples"], base.defaults["example_caption"]
 
     def recipe(method):  # the base's recipe for a method variant, fitted to this machine's card
-        return lambda variant: services.train_settings(base, method, variant)
+        return lambda variant: services.train_settings(current.base, method, variant)
 
     def memory(method):  # what a VRAM preset sets in the Train panel
-        return lambda vram: services.train_settings(base, method, None, vram)
+        return lambda vram: services.train_settings(current.base, method, None, vram)
     with gr.Blocks(title="hyperreal") as demo:
-        gr.Markdown(INTRO.format(name=base.name))
+        intro = gr.Markdown(INTRO.format(name=base.name))
+        picker = build_base_picker(current)
         with gr.Tabs():
             gen_tab = build_generate_tab(generate, parse_parameters, base.defaults, examples)
-            ad = build_adapters_tab(lambda: library.choices("adapter"), adapter_trainer(base, library), caption,
+            ad = build_adapters_tab(lambda: library.choices("adapter"), adapter_trainer(current, library), caption,
                                     recipe("adapter"), memory("adapter"))
             methods.append(MethodInputs("adapters", ad["inputs"], adapters_job, adapters_restore))
-            cn = build_controlnet_tab(controlnet_choices, preview, controlnet_trainer(base, library),
+            cn = build_controlnet_tab(controlnet_choices, preview, controlnet_trainer(current, library),
                                       lambda: controlnet_train_knobs(recipe("controlnet")(None)), caption,
                                       memory("controlnet"))
             methods.append(MethodInputs("controlnet", cn["inputs"], controlnet_to_job, keep(len(cn["inputs"]))))
-            br = build_bridge_tab(lambda: library.choices("bridge"), bridge_trainer(base, library),
+            br = build_bridge_tab(lambda: library.choices("bridge"), bridge_trainer(current, library),
                                   lambda: bridge_train_knobs(recipe("bridge"), base.defaults["world"] == "shapes"),
                                   caption, memory("bridge"))
             methods.append(MethodInputs("bridge", br["inputs"], bridge_to_job, bridge_restore))
         cn["wire_preview"](gen_tab["width"], gen_tab["height"])
         gen_tab["connect"]([c for m in methods for c in m.components],
                            lambda d: [v for m in methods for v in m.restore(d)])
+        # after a switch: the page names the new base and Generate starts from its defaults
+        picker["connect"]([intro, *(gen_tab[k] for k in ("steps", "guidance", "width", "height"))],
+                          lambda new: [INTRO.format(name=new.name), *(new.defaults[k] for k in
+                                                                       ("steps", "guidance", "width", "height"))])
     demo.queue(default_concurrency_limit=1)
     return demo
 

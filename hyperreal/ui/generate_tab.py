@@ -19,7 +19,8 @@ def png_parameters(path: str) -> str:
 def build_generate_tab(generate: Callable, parse_parameters: Callable, defaults: dict, examples: list[str]) -> dict:
     """``generate(prompt, negative, seed, steps, guidance, width, height, count, *method_knobs) ->
     [(png_path, parameters)]``; ``parse_parameters(text) -> dict`` reads a parameters text back into form fields.
-    Returns ``connect(extra_inputs, restore_extra)`` (called once the method tabs exist), ``width``, ``height``."""
+    Returns ``connect(extra_inputs, restore_extra)`` (called once the method tabs exist), ``width``, ``height``,
+    ``steps``, ``guidance``."""
     with gr.Tab("Generate", id="generate"):
         with gr.Row():
             with gr.Column(scale=2):
@@ -85,4 +86,4 @@ def build_generate_tab(generate: Callable, parse_parameters: Callable, defaults:
             reuse.click(_reuse, info, [prompt, negative, seed, steps, guidance, width, height, *extra_inputs],
                         api_name="reuse_settings", queue=False)
 
-    return {"connect": connect, "width": width, "height": height}
+    return {"connect": connect, "width": width, "height": height, "steps": steps, "guidance": guidance}

@@ -1,4 +1,5 @@
 """The app launched once per test module on the tiny base, and the files its tests upload."""
+import contextlib
 import socket
 
 import pytest
@@ -12,19 +13,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(tiny, tmp_path_factory, monkeypatch_module):
+@contextlib.contextmanager
+def launched(base, tmp, **settings_kwargs):
+    """The app on ``base`` at a free port (outputs and Gradio's temp files under ``tmp``): (url, settings)."""
     from hyperreal.ui.app import build_app, launch
 
-    tmp = tmp_path_factory.mktemp("app")
-    monkeypatch_module.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
-    settings = Settings(base="tiny", host="127.0.0.1", port=free_port(), outputs=tmp / "outputs")
-    demo = build_app(tiny, settings)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
+    settings = Settings(base="tiny", host="127.0.0.1", port=free_port(), outputs=tmp / "outputs", **settings_kwargs)
+    demo = build_app(base, settings)
     _, url, _ = launch(demo, settings, prevent_thread_lock=True, quiet=True)
     try:
         yield url, settings
     finally:
         demo.close()
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny, tmp_path_factory):
+    with launched(tiny, tmp_path_factory.mktemp("app")) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")

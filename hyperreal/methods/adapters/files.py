@@ -19,22 +19,52 @@ from safetensors.torch import load_file
 
 from ... import sources
 from ...errors import HyperrealError
-from .spec import AdapterSpec, adapter_tokens, components, inject, loaded, remove_adapter
+from .spec import AdapterSpec, adapter_tokens, components, inject, loaded, remove_adapter, tuner_layers
 
 # where each kind's kohya-keyed file is read; written into the file header and printed by the CLI
 LOADS_IN = {
     "lora": "diffusers (load_lora_weights), AUTOMATIC1111, ComfyUI, kohya, hyperreal",
-    "dora": "hyperreal; ComfyUI/LyCORIS read dora_scale (output axis) with their own normalisation; "
-            "diffusers drops dora_scale and would load a plain LoRA",
+    # PEFT's DoRA normalises each output row (magnitude m: one value per output channel); dora_scale is written as
+    # m shaped (out, 1[, 1, 1]), the convention of LyCORIS (wd_on_out, its default since 2025-04) and of ComfyUI's
+    # output-axis branch, which picks the axis by that shape
+    "dora": "hyperreal and LyCORIS exactly; diffusers exactly from diffusers/pytorch_lora_weights.safetensors (it "
+            "drops dora_scale from this file and would load a plain LoRA); ComfyUI loads it but, until its PR #15458 "
+            "lands, normalises by the base weight instead of the adapted one (an approximation); AUTOMATIC1111 "
+            "applies DoRA along the input axis only and does not reproduce it: use the LoRA kind there",
     "loha": "AUTOMATIC1111, ComfyUI (LyCORIS hada_* keys), hyperreal; not diffusers",
     "lokr": "AUTOMATIC1111, ComfyUI (LyCORIS lokr_* keys), hyperreal; not diffusers' SD1.x loader",
     "oft": "hyperreal and PEFT only (PEFT keys; A1111/ComfyUI/diffusers do not read PEFT's OFT)",
 }
+# a bundled trigger token (A1111's bundle_emb keys) makes diffusers' load_lora_weights refuse the file
+BUNDLED_NOTE = ("; this file bundles its trigger token (bundle_emb keys: AUTOMATIC1111 and hyperreal read them, "
+                "ComfyUI loads the LoRA and skips them), which diffusers' load_lora_weights refuses: in diffusers "
+                "load diffusers/pytorch_lora_weights.safetensors and the token file beside it")
+
+
+def loads_in(kind: str, bundled: bool) -> str:
+    """Where the shareable file of this kind loads (written into its header)."""
+    return LOADS_IN[kind] + (BUNDLED_NOTE if bundled and kind in ("lora", "dora") else "")
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te"}
 
 
 def _kohya_name(prefix: str, module: str) -> str:
+    """kohya's name for a module: the UNet's diffusers module path, the text encoder's OpenAI-CLIP path
+    (``text_model.encoder.layers.N...``), dots as underscores. transformers 5 dropped the ``text_model`` level from
+    ``CLIPTextModel``; A1111, ComfyUI and diffusers before 0.42 read text-encoder keys only with it."""
+    if prefix == KOHYA_PREFIX["text_encoder"] and not module.startswith("text_model."):
+        module = "text_model." + module
     return f"{prefix}_{module.replace('.', '_')}"
+
+
+def _diffusers_text_encoder_keys(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text-encoder LoRA keys as diffusers' loader has read them in every release: ``text_model.encoder...``
+    (transformers 4's module path; diffusers 0.42 strips it again under transformers 5), and DoRA magnitudes with
+    the ``.weight`` that transformers 5's adapter loading needs (without it they are silently left out)."""
+    out = {}
+    for k, v in layers.items():
+        k = k if k.startswith("text_model.") else "text_model." + k
+        out[k + ".weight" if k.endswith("lora_magnitude_vector") else k] = v
+    return out
 
 
 def _peft_config_dicts(pipe, name: str) -> dict[str, dict]:
@@ -113,7 +143,7 @@ def _header(spec: AdapterSpec, info: dict, configs: dict) -> dict[str, str]:
         "hyperreal_scale": "" if spec.scale is None else f"{spec.scale:.8g}",
         "hyperreal_trained_alpha": f"{spec.resolved_alpha:g}",
         "hyperreal_trigger": str(info.get("trigger") or ""),
-        "hyperreal_loads_in": LOADS_IN[spec.kind],
+        "hyperreal_loads_in": loads_in(spec.kind, bool(info.get("trigger_tokens"))),
         "hyperreal_peft_config": json.dumps(configs),
         "hyperreal_trigger_tokens": json.dumps(list(info.get("trigger_tokens") or [])),
     }
@@ -147,6 +177,8 @@ def save_adapter(pipe, name: str, spec: AdapterSpec, out: str | Path, info: dict
         # them when proj_in/ff keys in PEFT form sit beside them (seen with diffusers 0.42)
         layers = {comp: get_peft_model_state_dict(model, adapter_name=name)
                   for comp, model in components(pipe, spec.text_encoder)}
+        if "text_encoder" in layers:
+            layers["text_encoder"] = _diffusers_text_encoder_keys(layers["text_encoder"])
         folder = out / "diffusers"
         # the adapter metadata (PEFT's LoraConfig) keeps alpha, rsLoRA and DoRA: without it diffusers assumes
         # alpha = rank and the weights would load at the wrong strength
@@ -155,19 +187,19 @@ def save_adapter(pipe, name: str, spec: AdapterSpec, out: str | Path, info: dict
             unet_lora_adapter_metadata=configs["unet"],
             text_encoder_lora_adapter_metadata=configs.get("text_encoder"), safe_serialization=True)
         paths.append(folder / "pytorch_lora_weights.safetensors")
-    loads_in = {paths[0]: LOADS_IN[spec.kind], **({paths[1]: "diffusers (load_lora_weights), hyperreal"}
-                                                  if len(paths) > 1 else {})}
+    where = {paths[0]: meta["hyperreal_loads_in"], **({paths[1]: "diffusers (load_lora_weights), hyperreal"}
+                                                      if len(paths) > 1 else {})}
     for word, v in tokens.items() if spec.kind in ("lora", "dora") else ():
         # beside the diffusers LoRA, the form diffusers' advanced DreamBooth script writes (key "clip_l")
         emb = out / "diffusers" / f"{safe_name(word)}_emb.safetensors"
         emb.parent.mkdir(parents=True, exist_ok=True)
         sources.save_safetensors({"clip_l": v}, emb, metadata={"hyperreal_token": word})
         paths.append(emb)
-        loads_in[emb] = (f"diffusers: pipe.load_textual_inversion(load_file(path)['clip_l'], token='{word}') "
+        where[emb] = (f"diffusers: pipe.load_textual_inversion(load_file(path)['clip_l'], token='{word}') "
                          "beside the LoRA")
     (out / "adapter.json").write_text(json.dumps({
         "kind": spec.kind, "spec": asdict(spec), "scale": spec.scale, "files": [str(p.relative_to(out)) for p in paths],
-        "loads_in": {str(p.relative_to(out)): text for p, text in loads_in.items()},
+        "loads_in": {str(p.relative_to(out)): text for p, text in where.items()},
         "trigger_tokens": list(tokens),
         **{k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))}}, indent=2) + "\n")
     return paths
@@ -267,7 +299,9 @@ def _bundled_tokens(pipe, path: Path, keys: list[str], source: str) -> dict[str,
 
 def _kohya_to_peft(tensors: dict, model, prefix: str, spec: AdapterSpec, name: str) -> dict[str, torch.Tensor]:
     """Inverse of :func:`kohya_state_dict` for one component (module names found through the model itself)."""
-    by_kohya = {_kohya_name(prefix, n): n for n, _ in model.named_modules()}
+    # files from before transformers 5 (and ours from before this naming) may lack text_model_: both are read
+    by_kohya = {**{f"{prefix}_{n.replace('.', '_')}": n for n, _ in model.named_modules()},
+                **{_kohya_name(prefix, n): n for n, _ in model.named_modules()}}
     sd: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():
         key, part = k.split(".", 1)
@@ -293,7 +327,42 @@ def _kohya_to_peft(tensors: dict, model, prefix: str, spec: AdapterSpec, name: s
     return sd
 
 
+# key fragments that give away the model family a LoRA was trained for (kohya's, diffusers' and BFL's names)
+ARCHITECTURES = (
+    ("FLUX", ("double_blocks", "single_blocks", "single_transformer_blocks", "img_attn", "txt_attn")),
+    ("SD3", ("joint_blocks", "context_block", "add_q_proj")),
+    ("SDXL", ("lora_te1_", "lora_te2_", "text_encoder_2.", "add_embedding", "input_blocks_4_1_transformer_blocks_1",
+              "transformer_blocks_9")),
+    ("SD2", ("encoder_layers_12_", "encoder.layers.12.", "encoder_layers_22_", "encoder.layers.22.")),
+)
+
+
+def looks_made_for(keys) -> str | None:
+    """The model family a LoRA's keys name, when it is not SD1.x; None when they look like SD1.x."""
+    keys = list(keys)
+    for family, marks in ARCHITECTURES:
+        if any(m in k for k in keys for m in marks):
+            return family
+    return None
+
+
+def _not_for_this_base(source: str, keys, why: str = "") -> HyperrealError:
+    family = looks_made_for(keys)
+    made = (f"it looks made for {family}, and this base is an SD1.x model" if family
+            else "its keys name no layer of this base")
+    return HyperrealError(f"adapter '{source}' does not fit this base: {made}{why}. Use a LoRA trained for "
+                          "SD1.5 (or the base it names)")
+
+
+def _layers_holding(pipe, name: str) -> int:
+    return sum(1 for layer in tuner_layers(pipe) if name in layer._all_available_adapter_names())
+
+
 def _load_with_diffusers(pipe, where: str | dict, name: str, source: str, kind: str = "lora") -> str:
+    keys = list(where) if isinstance(where, dict) else (
+        sources.read_header(Path(where))[1] if Path(where).is_file() else [])
+    if looks_made_for(keys):
+        raise _not_for_this_base(source, keys)
     try:
         path = Path(where) if isinstance(where, str) else None
         if path is None:  # a state dict
@@ -306,8 +375,14 @@ def _load_with_diffusers(pipe, where: str | dict, name: str, source: str, kind: 
         with contextlib.suppress(Exception):
             remove_adapter(pipe, name)
         why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        if "not found in the base model" in why:  # PEFT: the keys name modules this base does not have
+            raise _not_for_this_base(source, keys) from None
         raise HyperrealError(f"could not load adapter '{source}': {why}. It must be a LoRA for this base (kohya or "
                              "diffusers keys, .safetensors)") from None
+    if _layers_holding(pipe, name) == 0:  # diffusers accepts a file whose keys match nothing, and changes nothing
+        with contextlib.suppress(Exception):
+            remove_adapter(pipe, name)
+        raise _not_for_this_base(source, keys)
     loaded(pipe)[name] = {"kind": kind, "source": source, "scalable": True}
     return name
 

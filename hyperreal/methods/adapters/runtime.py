@@ -14,7 +14,7 @@ from huggingface_hub import snapshot_download
 from ... import sources
 from ...errors import HyperrealError
 from ...pipelines import JobKey
-from .files import load_adapter, resolve_source, safe_name
+from .files import describe_file, load_adapter, resolve_source, safe_name
 from .spec import loaded, remove_adapter, sync_tokens, tuner_layers
 
 
@@ -35,8 +35,9 @@ def activate(pipe, weights: dict[str, float]) -> None:
     for layer in tuner_layers(pipe):
         layer.set_adapter(names, inference_mode=True) if _accepts_inference_mode(layer) else layer.set_adapter(names)
         layer.enable_adapters(bool(names))
+        own = layer._all_available_adapter_names()  # a layer may wrap another kind's layer: only its own
         for name, w in weights.items():
-            if known[name]["scalable"] and hasattr(layer, "set_scale"):
+            if known[name]["scalable"] and hasattr(layer, "set_scale") and name in own:
                 layer.set_scale(name, w)
 
 
@@ -76,6 +77,8 @@ def unfuse(pipe) -> None:
 # --- generation jobs ---------------------------------------------------------------------------------------
 
 MAX_LOADED = 8  # adapters kept loaded on a shared pipeline between jobs
+# the order adapters of each kind are put on a module (see job_adapters)
+STACK_ORDER = {"lora": 0, "dora": 0, "loha": 1, "lokr": 2, "oft": 3}
 _JOB_NUMBERS = itertools.count()  # unique adapter names for job-loaded files
 
 
@@ -112,22 +115,40 @@ def job_adapters(pipe, items: list[dict] | None):
             yield []
         return
     reg = loaded(pipe)
-    # the adapters' own list is the cache: whatever takes adapters out (remove_all) empties both at once
-    by_source = {v["source"]: k for k, v in reg.items() if v.get("job")}
-    weights: dict[str, float] = {}
+    wanted = []  # (item, path, cache key, kind) in the job's order
     for it in items:
         path = resolve_source(it["path"]).path
-        key = sources.identity(path) if path else it["path"]
+        wanted.append((it, path, sources.identity(path) if path else it["path"],
+                       describe_file(path)["kind"] if path else "lora"))
+    # the adapters' own list is the cache: whatever takes adapters out (remove_all) empties both at once
+    by_source = {v["source"]: k for k, v in reg.items() if v.get("job")}
+    new = [w for w in wanted if w[2] not in by_source]
+    if new:
+        # PEFT wraps a module once per adapter, and a LoRA cannot wrap a LoHa/LoKr/OFT layer (nor LoHa/LoKr an OFT
+        # one): loaded adapters of a kind that must come after the new ones leave first, and are loaded again
+        # after them when a job asks for them
+        first = min(STACK_ORDER[w[3]] for w in new)
+        for name, v in list(reg.items()):
+            if v.get("job") and STACK_ORDER.get(v["kind"], 0) > first:
+                remove_adapter(pipe, name)
+        by_source = {v["source"]: k for k, v in reg.items() if v.get("job")}
+    names: dict[str, str] = {}
+    for it, path, key, kind in sorted(wanted, key=lambda w: STACK_ORDER[w[3]]):
         name = by_source.get(key)
         if name is None:
-            job_loaded = [k for k, v in reg.items() if v.get("job")]
-            if len(job_loaded) >= MAX_LOADED:
+            job_loaded = [k for k, v in reg.items() if v.get("job") and v["source"] not in {w[2] for w in wanted}]
+            if len(reg) >= MAX_LOADED and job_loaded:
                 remove_adapter(pipe, job_loaded[0])
             stem = Path(it["path"]).stem if path else it["path"]
             name = load_adapter(pipe, it["path"], name=f"job{next(_JOB_NUMBERS)}_{safe_name(stem)}")
             reg[name].update(source=key, job=True)
             by_source[key] = name
-        weights[name] = weights.get(name, 0.0) + it["weight"]
+        names[key] = name
+    # one order whatever the job's: PEFT adds a layer's LoRA and DoRA updates in the active order, and a DoRA
+    # update depends on what came before it
+    weights: dict[str, float] = {}
+    for it, _, key, kind in sorted(wanted, key=lambda w: (STACK_ORDER[w[3]], w[3] == "dora", w[2])):
+        weights[names[key]] = weights.get(names[key], 0.0) + it["weight"]
     try:
         activate(pipe, weights)
         yield list(weights)

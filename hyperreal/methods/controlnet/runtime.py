@@ -32,7 +32,8 @@ def cached_controlnet(base, source: str):
     unet = base.pipe.unet
 
     def load():
-        model = load_controlnet(source, device=unet.device, dtype=unet.dtype)
+        # a file without our header is built with this base's UNet config (the heads and widths it was made for)
+        model = load_controlnet(source, device=unet.device, dtype=unet.dtype, unet_config=unet.config)
         check_fits(model, unet, source)
         return model
 
