@@ -1,9 +1,11 @@
 """Try adapter training recipes on the star task, quickly (16 star prompts, 16 prompts without the trigger).
 
-Each argument is one variant as JSON: ``steps`` and ``lr`` (required), ``bs`` (batch, default 8), and any
+Each argument is one variant as JSON: ``steps``, ``lr`` and ``bs`` (batch; default: the recipe), and any
 ``hyperreal.methods.adapters.TrainRequest`` field (``kind``, ``rank``, ``prior_weight``, ``train_text_encoder``, ``class_images`` …).
 ``--prompts N`` measures on N star prompts and N without the trigger (default 16; ``eval adapter`` uses 32).
-Prints one JSON line per variant: star rate, drift, accuracy without the trigger (and the base's), training seconds.
+Everything a variant does not name is the default a newcomer gets; the dev split only (bench/star.py SPLITS).
+Prints one JSON line per variant: the star of the colour asked, any star, drift, accuracy without the trigger
+(and the base's; one-object prompts alone), training seconds.
 Used to choose the defaults that ``python -m hyperreal eval adapter`` then measures on the full prompt sets.
 
     python bench/adapter_recipe.py '{"steps": 2000, "lr": 1e-3, "prior_weight": 10}' '{"steps": 2000, "lr": 1e-4, "kind": "full"}'
@@ -23,7 +25,6 @@ from hyperreal.loading import load_base  # noqa: E402
 from hyperreal.methods import adapters as A  # noqa: E402
 from hyperreal.pipelines import generate_images  # noqa: E402
 from hyperreal.shapes import evaluator  # noqa: E402
-from hyperreal.shapes.benchmark import held_out_prompts  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -32,10 +33,7 @@ def main(argv: list[str]) -> int:
         n, argv = int(argv[1]), argv[2:]
     variants = [json.loads(v) for v in argv]
     work = Path(tempfile.mkdtemp(prefix="adapter-recipe-"))
-    data = S.star_dataset(work / "stars")
-    star_pairs = S.star_prompts(n)
-    one, two = held_out_prompts(n - n // 2, n // 2)
-    plain = one + two
+    data, star_pairs, plain = S.split_data(work, "dev", n)  # recipes are chosen on the dev split only
     base = load_base("tiny")
     steps_g, guidance = base.defaults["steps"], base.defaults["guidance"]
     base_plain = generate_images(base.pipe, plain, steps_g, guidance)
@@ -43,15 +41,14 @@ def main(argv: list[str]) -> int:
     for i, v in enumerate(variants):
         shown = dict(v)
         base = load_base("tiny")  # a fresh base per variant
-        steps, lr, bs = v.pop("steps"), v.pop("lr"), v.pop("bs", base.defaults["adapter_train"]["batch_size"])
-        n_class = v.pop("class_images", S.STAR_CLASS_IMAGES)
-        req = A.TrainRequest(data=str(data), class_prompts=S.shapes_class_prompts(n_class), class_images=n_class,
-                             repeats=v.pop("repeats", S.STAR_REPEATS), name="recipe",
-                             **{"trigger": S.STAR_TRIGGER, **v})
+        recipe = base.defaults["adapter_train"]
+        steps, lr, bs = v.pop("steps", recipe["steps"]), v.pop("lr", recipe["lr"]), v.pop("bs", recipe["batch_size"])
+        req = A.TrainRequest(data=str(data), name="recipe", **v)  # the defaults, but for what the variant says
         cfg = training.TrainConfig(steps=steps, batch_size=bs, lr=lr, log_every=steps)
         r = S.star_trial(base, req, cfg, work / f"run{i}", star_pairs, plain, base_plain)
-        print(json.dumps({"variant": shown, "star": r["star_rate"], "drift": round(r["drift"], 2),
-                          "acc": r["colour_shape_accuracy"], "base_acc": base_acc,
+        print(json.dumps({"variant": shown, "star_colour": r["star_colour_rate"], "star": r["star_rate"],
+                          "drift": round(r["drift"], 2), "acc": r["colour_shape_accuracy"], "base_acc": base_acc,
+                          "one": r["one_object_accuracy"],
                           "train_seconds": round(r["train_seconds"])}), flush=True)
     return 0
 

@@ -21,23 +21,28 @@ from hyperreal.shapes.benchmark import held_out_prompts
 from hyperreal.shapes.world import (COLOURS, POSITION_PHRASE, SceneObject, all_captions, is_held_out, layout,
                                     parse_caption, render)
 
-# the star benchmark's prior preservation: class images, and instance repeats that balance them per epoch
-STAR_CLASS_IMAGES, STAR_REPEATS = 64, 8
 STAR_TRIGGER = "sks"
 STAR_SEED = 777
+# Two splits of everything the benchmark draws: the recipe was chosen on "dev"; "held-out" renders other stars
+# (other layouts, other colour order), asks other star prompts on other seeds and other prompts without the
+# trigger, none of it in the repository or seen while tuning
+SPLITS = {"dev": {"image_seed": STAR_SEED, "first_colour": 0, "prompt_seed": STAR_SEED, "prompt_offset": 50_000,
+                  "plain_seed": 1234},
+          "held-out": {"image_seed": 20_261_202, "first_colour": 3, "prompt_seed": 4242, "prompt_offset": 70_000,
+                       "plain_seed": 9876}}
 
 
-def star_dataset(folder: str | Path, n: int = 8, seed: int = STAR_SEED) -> Path:
+def star_dataset(folder: str | Path, n: int = 8, seed: int = STAR_SEED, first_colour: int = 0) -> Path:
     """``n`` rendered stars of cycling colours captioned "a <colour> sks star" (the base never saw a star)."""
     rng = random.Random(seed)
     items = []
     for i in range(n):
-        colour = COLOURS[i % len(COLOURS)]
+        colour = COLOURS[(i + first_colour) % len(COLOURS)]
         items.append((render(layout([SceneObject(colour, "star", None)], rng)), f"a {colour} {STAR_TRIGGER} star"))
     return write_examples(folder, items, prefix="star")
 
 
-def star_prompts(n: int = 32, seed: int = STAR_SEED) -> list[tuple[str, int]]:
+def star_prompts(n: int = 32, seed: int = STAR_SEED, offset: int = 50_000) -> list[tuple[str, int]]:
     """Held-out (prompt, seed) pairs: every colour, with and without a position, on seeds never trained on."""
     rng = random.Random(seed + 1)
     texts = [f"a {c} {STAR_TRIGGER} star" + (f" {POSITION_PHRASE[p]}" if p else "")
@@ -45,7 +50,7 @@ def star_prompts(n: int = 32, seed: int = STAR_SEED) -> list[tuple[str, int]]:
     rng.shuffle(texts)
     # unpositioned prompts first so that every colour's training prompt is among them
     texts.sort(key=lambda t: " on " in t or " at " in t or " in " in t)
-    return [(texts[i % len(texts)], 50_000 + i) for i in range(n)]
+    return [(texts[i % len(texts)], offset + i) for i in range(n)]
 
 
 def star_scores(images, pairs) -> dict:
@@ -81,9 +86,10 @@ def shapes_class_prompts(n: int = 64, seed: int = STAR_SEED) -> list[str]:
 
 def star_trial(base, req: TrainRequest, cfg, out: str | Path, star_pairs, plain_pairs, base_plain,
                on_event=None) -> dict:
-    """One training run on the star task, measured: star rate on ``star_pairs``; drift from ``base_plain`` and
-    colour+shape accuracy on ``plain_pairs`` (prompts without the trigger); times; the file written. Used by
-    ``star_benchmark`` and ``bench/adapter_recipe.py``."""
+    """One training run on the star task, measured: star rate (any colour, and the colour asked for) on
+    ``star_pairs``; drift from ``base_plain`` and colour+shape accuracy on ``plain_pairs`` (prompts without the
+    trigger; also on their one-object half); times; the file written. Used by ``star_benchmark`` and
+    ``bench/adapter_recipe.py``."""
     out = Path(out)
     gen_steps, guidance = base.defaults["steps"], base.defaults["guidance"]
     t0 = time.time()
@@ -94,65 +100,79 @@ def star_trial(base, req: TrainRequest, cfg, out: str | Path, star_pairs, plain_
     t_train = time.time() - t0
     star = star_scores(generate_images(learner.sample_pipe, star_pairs, gen_steps, guidance), star_pairs)
     d = drift(learner, plain_pairs, gen_steps, guidance, base_images=base_plain)
-    acc = evaluator.accuracy(d["images"], [p for p, _ in plain_pairs])["colour_shape"]
+    prompts = [p for p, _ in plain_pairs]
+    ones = [i for i, p in enumerate(prompts) if " and " not in p]
     return {"lr": cfg.lr, "trained_parameters": learner.trained_parameter_count(),
-            "scale": learner.spec.scale if req.kind != "full" else None,
+            "scale": learner.spec.scale if req.kind != "full" else None, "trigger": learner.info.get("trigger"),
+            "class_images": learner.info.get("class_images"),
             "star_rate": star["star_rate"], "star_colour_rate": star["star_colour_rate"],
-            "drift": round(d["drift"], 3), "colour_shape_accuracy": acc,
+            "drift": round(d["drift"], 3), "colour_shape_accuracy": evaluator.accuracy(d["images"], prompts)["colour_shape"],
+            "one_object_accuracy": evaluator.accuracy([d["images"][i] for i in ones],
+                                                      [prompts[i] for i in ones])["colour_shape"],
             "train_seconds": round(t_train, 1), "data_seconds": round(t_data, 1),
             "file": str(paths[0]), "file_mb": round(paths[0].stat().st_size / 1e6, 3)}
 
 
-def star_benchmark(kinds: list[str], work: str | Path, steps: int | None = None, batch_size: int | None = None,
-                   class_images: int = STAR_CLASS_IMAGES, repeats: int = STAR_REPEATS, n_prompts: int = 32,
-                   base_name: str = "tiny", log=print, vae: str | None = None) -> dict:
-    """Teach the reserved shape: each kind (and ``full``) trains on the same 8 star images, class images and
-    step budget, then is measured on held-out star prompts and on prompts without the trigger (drift, accuracy).
-    Steps, batch size and learning rates default to the base's recipe (its defaults' adapter_train).
-    """
+def split_data(work: Path, split: str, n_prompts: int) -> tuple[Path, list, list]:
+    """The star images, star prompts and prompts without the trigger of one split."""
+    sp = SPLITS[split]
+    data = star_dataset(work / f"stars-{split}", seed=sp["image_seed"], first_colour=sp["first_colour"])
+    star_pairs = star_prompts(n_prompts, seed=sp["prompt_seed"], offset=sp["prompt_offset"])
+    one, two = held_out_prompts(n_prompts - n_prompts // 2, n_prompts // 2, seed=sp["plain_seed"])
+    return data, star_pairs, one + two
+
+
+def star_benchmark(kinds: list[str], work: str | Path, splits=("dev", "held-out"), steps: int | None = None,
+                   batch_size: int | None = None, n_prompts: int = 32, base_name: str = "tiny", log=print,
+                   vae: str | None = None) -> dict:
+    """Teach the reserved shape with each kind (and ``full``) exactly as a newcomer would: the folder of 8
+    captioned stars and nothing else (the trigger, the token, prior preservation and the step budget are the
+    defaults), then measure on the split's star prompts and prompts without the trigger. ``steps``/``batch_size``
+    override the recipe for quick checks only."""
     work = Path(work)
-    data = star_dataset(work / "stars")
-    star_pairs = star_prompts(n_prompts)
-    one, two = held_out_prompts(n_prompts - n_prompts // 2, n_prompts // 2)
-    plain_pairs = one + two
     base = load_base(base_name, vae=vae)
     recipe = base.defaults["adapter_train"]
-    steps, batch_size = steps or recipe["steps"], batch_size or recipe["batch_size"]
     gen_steps, guidance = base.defaults["steps"], base.defaults["guidance"]
-    base_plain = generate_images(base.pipe, plain_pairs, gen_steps, guidance)
-    base_star = star_scores(generate_images(base.pipe, star_pairs, gen_steps, guidance), star_pairs)
-    base_acc = evaluator.accuracy(base_plain, [p for p, _ in plain_pairs])["colour_shape"]
-    figures = {"base": base_name, "steps": steps, "batch_size": batch_size, "images": 8, "class_images": class_images,
-               "repeats": repeats, "star_prompts": n_prompts, "plain_prompts": len(plain_pairs),
-               "torch_threads": torch.get_num_threads(),
-               "base_figures": {"star_rate": base_star["star_rate"], "colour_shape_accuracy": base_acc},
-               "kinds": {}}
-    log(f"base '{base_name}': star rate {100 * base_star['star_rate']:.1f}%, colour+shape accuracy on "
-        f"{len(plain_pairs)} prompts without the trigger {100 * base_acc:.1f}%")
-    for kind in kinds:
-        req = TrainRequest(data=str(data), kind=kind, trigger=STAR_TRIGGER,
-                           class_prompts=shapes_class_prompts(class_images), class_images=class_images,
-                           repeats=repeats, name=f"star_{kind}")
-        cfg = training.TrainConfig(steps=steps, batch_size=batch_size,
-                                   lr=recipe["full_lr"] if kind == "full" else recipe["lr"],
-                                   log_every=max(steps // 4, 1))
-        # a fresh base per kind: nothing carries over between runs
-        row = star_trial(load_base(base_name, vae=vae), req, cfg, work / kind, star_pairs, plain_pairs, base_plain,
-                         on_event=lambda e, kind=kind: e.kind == "step" and log(
-                             f"  {kind} step {e.step}/{e.total} loss {e.loss:.4f}"))
-        row["accuracy_change_points"] = round(100 * (row["colour_shape_accuracy"] - base_acc), 1)
-        figures["kinds"][kind] = row
-        log(f"{kind}: star rate {100 * row['star_rate']:.1f}% (colour too {100 * row['star_colour_rate']:.1f}%), "
-            f"drift {row['drift']:.2f}, accuracy {100 * row['colour_shape_accuracy']:.1f}% "
-            f"({row['accuracy_change_points']:+.1f} points), trained in {row['train_seconds']:.0f}s")
-    full = figures["kinds"].get("full")
-    for kind, row in figures["kinds"].items():
-        if kind == "full":
-            continue
-        row["targets_met"] = {
-            "star_rate>=0.8": row["star_rate"] >= 0.8,
-            "drift<=full/3": None if full is None else row["drift"] <= full["drift"] / 3,
-            "accuracy_within_5_points": row["accuracy_change_points"] >= -5.0,
-            "train_seconds<=600": row["train_seconds"] <= 600,
-        }
+    figures = {"base": base_name, "steps": steps or recipe["steps"], "batch_size": batch_size or recipe["batch_size"],
+               "images": 8, "star_prompts": n_prompts, "plain_prompts": n_prompts,
+               "torch_threads": torch.get_num_threads(), "splits": {}}
+    for split in splits:
+        data, star_pairs, plain_pairs = split_data(work, split, n_prompts)
+        base_plain = generate_images(base.pipe, plain_pairs, gen_steps, guidance)
+        base_star = star_scores(generate_images(base.pipe, star_pairs, gen_steps, guidance), star_pairs)
+        prompts = [p for p, _ in plain_pairs]
+        ones = [i for i, p in enumerate(prompts) if " and " not in p]
+        base_acc = evaluator.accuracy(base_plain, prompts)["colour_shape"]
+        base_one = evaluator.accuracy([base_plain[i] for i in ones], [prompts[i] for i in ones])["colour_shape"]
+        result = {"base_figures": {"star_rate": base_star["star_rate"], "star_colour_rate": base_star["star_colour_rate"],
+                                   "colour_shape_accuracy": base_acc, "one_object_accuracy": base_one},
+                  "kinds": {}}
+        log(f"[{split}] base '{base_name}': star of the colour asked {100 * base_star['star_colour_rate']:.1f}%, "
+            f"colour+shape on {len(plain_pairs)} prompts without the trigger {100 * base_acc:.1f}% "
+            f"(one object {100 * base_one:.1f}%)")
+        for kind in kinds:
+            req = TrainRequest(data=str(data), kind=kind, name=f"star_{kind}")  # the defaults, nothing else
+            cfg = training.TrainConfig(steps=steps or recipe["steps"], batch_size=batch_size or recipe["batch_size"],
+                                       lr=recipe["full_lr"] if kind == "full" else recipe["lr"],
+                                       log_every=max((steps or recipe["steps"]) // 4, 1))
+            # a fresh base per kind: nothing carries over between runs
+            row = star_trial(load_base(base_name, vae=vae), req, cfg, work / split / kind, star_pairs, plain_pairs,
+                             base_plain, on_event=lambda e, kind=kind: e.kind == "step" and log(
+                                 f"  [{split}] {kind} step {e.step}/{e.total} loss {e.loss:.4f}"))
+            row["accuracy_change_points"] = round(100 * (row["colour_shape_accuracy"] - base_acc), 1)
+            row["one_object_change_points"] = round(100 * (row["one_object_accuracy"] - base_one), 1)
+            result["kinds"][kind] = row
+            log(f"[{split}] {kind}: star of the colour asked {100 * row['star_colour_rate']:.1f}% (any colour "
+                f"{100 * row['star_rate']:.1f}%), without the trigger {100 * row['colour_shape_accuracy']:.1f}% "
+                f"({row['accuracy_change_points']:+.1f} points; one object {row['one_object_change_points']:+.1f}), "
+                f"drift {row['drift']:.2f}, trained in {row['train_seconds']:.0f}s")
+        for kind, row in result["kinds"].items():
+            if kind != "full":
+                row["targets_met"] = {
+                    "star_colour_rate>=0.8": row["star_colour_rate"] >= 0.8,
+                    "accuracy_within_5_points": row["accuracy_change_points"] >= -5.0,
+                    "one_object_within_5_points": row["one_object_change_points"] >= -5.0,
+                    "train_seconds<=600": row["train_seconds"] <= 600,
+                }
+        figures["splits"][split] = result
     return figures

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
 
+from bench.star import shapes_class_prompts
 from hyperreal.shapes import benchmark, evaluator
 from hyperreal.shapes.tiny_model import (build_inference_scheduler, build_text_encoder, build_tokenizer,
                                          build_train_scheduler, build_unet, build_vae)
@@ -99,7 +100,10 @@ def base_json(defaults: dict) -> dict:
             "example_caption": "a sks star", "bridge_encoder": "minilm", "controlnets": [],
             # chosen on the star task (README: Adapters; bench/adapter_recipe.py)
             "adapter_train": {"steps": 2000, "batch_size": 8, "lr": 1e-3, "full_lr": 1e-4, "prior_weight": 15.0,
-                              "class_images": 32, "sample_every": 50},
+                              "class_images": 64, "sample_every": 50},
+            # prior preservation's prompts: captions the base was trained on and draws well (never the held-out
+            # ones the benchmarks measure), half one object, half two (bench/star.py shapes_class_prompts)
+            "prior_prompts": shapes_class_prompts(64),
             # tiny-canny's learning rate with fewer steps
             "controlnet_train": {"steps": 500, "batch_size": 16, "lr": 3e-4, "sample_every": 100},
             # what trained tiny-bridge (bench/train_tiny_bridge.py)

@@ -38,6 +38,9 @@ HUB_DEFAULTS = {
     # groups of [prompt, seed] the base draws well and never trained on: prompts without a trigger whose drift
     # an adapter is measured on (empty: the captions without the trigger)
     "drift_prompts": [],
+    # prompts the base is known to draw well: adapters' prior preservation holds the base to its own predictions
+    # on them (empty: DreamBooth's class prompt, the captions without the trigger, which is right for SD1.5)
+    "prior_prompts": [],
     "bridge_encoder": "facebook/bart-base",  # width 768 = SD1.5's cross-attention width
     "controlnets": ["lllyasviel/control_v11p_sd15_canny", "lllyasviel/control_v11p_sd15_openpose"],
     # Training recipes for when a person sets nothing (the app's knobs start from them too); a VRAM preset

@@ -123,6 +123,8 @@ def train_adapter(base: BaseModel, req: adapters.TrainRequest, cfg: TrainConfig,
                 _info(emit, f"training {what}: {learner.trained_parameter_count():,} parameters on "
                             f"{learner.data.n_instances} images"
                             + (f" + {n_class} class images (repeats {learner.data.repeats})" if n_class else ""))
+                for note in learner.info.get("notes", []):
+                    _info(emit, note)
                 for word in getattr(learner, "tokens", {}):
                     _info(emit, f"trigger word '{word}' is several tokens to this tokenizer: it gets a new token of "
                                 "its own, trained with the adapter and saved in its file")
@@ -132,9 +134,15 @@ def train_adapter(base: BaseModel, req: adapters.TrainRequest, cfg: TrainConfig,
                     adapters.remove_adapter(base.pipe, learner.name)
 
     def report(learner, paths) -> dict:
-        pairs = adapters.default_drift_prompts(base, learner.data.captions, req.trigger, drift_samples)
+        trigger = learner.info.get("trigger")  # the one found in the captions when none was given
+        pairs = adapters.default_drift_prompts(base, learner.data.captions, trigger, drift_samples)
         measured = adapters.drift(learner, pairs, base.defaults["steps"], base.defaults["guidance"])
-        return {"drift": round(measured["drift"], 3), "drift_prompts": len(pairs),
+        # a file, not images: on ZeroGPU this runs in another process, and files are what come back
+        grid = out / "drift.png"
+        adapters.drift_grid(measured["base_images"], measured["images"]).save(grid)
+        (out / "drift_prompts.json").write_text(json.dumps(pairs) + "\n")
+        return {"drift": round(measured["drift"], 3), "drift_prompts": len(pairs), "drift_grid": str(grid),
+                "trigger": trigger, "class_images": learner.info.get("class_images", 0),
                 "trained_parameters": learner.trained_parameter_count(),
                 "scale": None if full else learner.spec.scale, "alpha": None if full else learner.spec.resolved_alpha}
 
@@ -144,13 +152,22 @@ def train_adapter(base: BaseModel, req: adapters.TrainRequest, cfg: TrainConfig,
         where = loads_in.get(str(Path(p).relative_to(out)), "diffusers (UNet2DConditionModel.from_pretrained)")
         say(f"wrote {p} (loads in: {where})", cfg.steps)
     say(f"Drift on {measured['drift_prompts']} prompts without the trigger: mean abs pixel difference "
-        f"{measured['drift']:.2f} (0-255) from the base, same seeds; small is good: the base kept its knowledge",
-        cfg.steps)
+        f"{measured['drift']:.2f} (0-255) from the base, same seeds; small is good: the base kept its knowledge. "
+        f"Before (top) and after (bottom): {measured['drift_grid']}", cfg.steps)
+    if on_event is not None:  # the grid itself, for the app's gallery
+        from PIL import Image
+
+        with Image.open(measured["drift_grid"]) as grid:
+            on_event(ProgressEvent("info", cfg.steps, cfg.steps, images=[grid.copy()], captions=[
+                f"without the trigger, before (top: the base) and after (bottom: with the adapter); drift "
+                f"{measured['drift']:.2f}"]))
     figures = {"kind": req.kind, "base": base.name, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
                "trained_parameters": measured["trained_parameters"], "scale": measured["scale"],
                "rank": None if full else req.rank, "alpha": measured["alpha"],
                "train_seconds": training.training_seconds(out), "drift": measured["drift"],
-               "drift_prompts": measured["drift_prompts"], "files": [str(p) for p in paths]}
+               "drift_prompts": measured["drift_prompts"], "drift_grid": measured["drift_grid"],
+               "trigger": measured["trigger"], "class_images": measured["class_images"],
+               "files": [str(p) for p in paths]}
     return _finish(out, paths, figures, say, cancel)
 
 

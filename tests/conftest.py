@@ -9,6 +9,8 @@ import torch
 # the tests never reach a hub: fail fast instead of waiting on the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HYPERREAL_DEVICE", "cpu")
+# class images generated once per base are cached; the tests' cache is their own, emptied by the OS
+os.environ.setdefault("HYPERREAL_CACHE", __import__("tempfile").mkdtemp(prefix="hyperreal-test-cache-"))
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

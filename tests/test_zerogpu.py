@@ -94,7 +94,8 @@ def test_stop_reaches_a_running_chunk(forking_spaces, stars, tmp_path):
 
 def test_an_error_in_the_gpu_call_comes_back_as_its_message(forking_spaces, stars, tmp_path):
     base = load_base("tiny")
-    bad = request(stars, trigger=None)  # class images without a trigger or a class prompt
+    base.defaults["prior_prompts"] = []  # a base that lists no prompts it draws well (a fresh base: nothing shared)
+    bad = request(stars, trigger="")  # class images without a trigger or a class prompt
     with pytest.raises(HyperrealError, match="class images need a class prompt"):
         services.train_adapter(base, bad, TrainConfig(steps=2, batch_size=2), tmp_path,
                                runner=functools.partial(zerogpu.run_in_chunks, chunk_seconds=5))

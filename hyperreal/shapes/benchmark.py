@@ -11,15 +11,17 @@ from .world import all_captions, is_held_out
 EVAL_SEED = 1234
 
 
-def held_out_prompts(n_one: int = 64, n_two: int = 64) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """(prompt, seed) pairs from captions never seen in training; one-object captions cycle with new seeds."""
-    rng = random.Random(EVAL_SEED)
+def held_out_prompts(n_one: int = 64, n_two: int = 64, seed: int = EVAL_SEED
+                     ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(prompt, seed) pairs from captions never seen in training; one-object captions cycle with new seeds.
+    Another ``seed`` gives another order and other image seeds (a second split of the same held-out captions)."""
+    rng = random.Random(seed)
     one = [c for c in all_captions(n_objects=1) if is_held_out(c)]
     two = [c for c in all_captions(n_objects=2) if is_held_out(c)]
     rng.shuffle(one)
     rng.shuffle(two)
-    pairs_one = [(one[i % len(one)], EVAL_SEED + i) for i in range(n_one)]
-    pairs_two = [(two[i % len(two)], EVAL_SEED + 1000 + i) for i in range(n_two)]
+    pairs_one = [(one[i % len(one)], seed + i) for i in range(n_one)]
+    pairs_two = [(two[i % len(two)], seed + 1000 + i) for i in range(n_two)]
     return pairs_one, pairs_two
 
 

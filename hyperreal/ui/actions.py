@@ -52,6 +52,12 @@ def adapter_trainer(current, library: Library):
         with holding(current) as base:
             return _train_adapter(base, data, knobs, on_event, cancel)
 
+    def _class_images(base: BaseModel, kind: str, value) -> int | None:
+        # the slider untouched is the recipe's count, which stands down (with a note) when there is nothing to
+        # prompt the base with; a count the person chose is theirs, and an error says what it lacks
+        count = int(value or 0)
+        return None if count == services.train_settings(base, "adapter", kind).get("class_images") else count
+
     def _train_adapter(base: BaseModel, data: Path, knobs: dict, on_event, cancel) -> list[Path]:
         kind = knobs["kind"]
         req = adapters.TrainRequest(
@@ -61,7 +67,7 @@ def adapter_trainer(current, library: Library):
             text_encoder_lr=_number(knobs.get("text_encoder_lr")), trigger=(knobs.get("trigger") or "").strip() or None,
             trigger_token=bool(knobs.get("trigger_token", True)),
             class_prompts=[p.strip() for p in (knobs.get("class_prompt") or "").split("|") if p.strip()],
-            class_images=int(knobs.get("class_images") or 0), repeats=int(knobs.get("repeats") or 0) or None,
+            class_images=_class_images(base, kind, knobs.get("class_images")), repeats=int(knobs.get("repeats") or 0) or None,
             prior_weight=_number(knobs.get("prior_weight")),
             flip=bool(knobs.get("flip")), caption_dropout=float(knobs.get("caption_dropout") or 0.0),
             name=knobs.get("name") or f"{kind}_adapter")

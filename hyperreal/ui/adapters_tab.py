@@ -80,7 +80,9 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
             scale = gr.Markdown(effective_scale("lora", DEFAULT_RANK, None, "diffusers-like", False, start["lr"],
                                                 start["lr"]))
             with gr.Row():
-                trigger = gr.Textbox(label="Trigger phrase (added to captions lacking it)", value="sks")
+                trigger = gr.Textbox(label="Trigger phrase (added to captions lacking it)", value="",
+                                     placeholder="empty: the word all your captions share that the base does not "
+                                                 "know (e.g. sks)")
                 repeats = gr.Slider(0, 20, value=0, step=1, label="Repeats (0: as many instance as class images)")
                 flip = gr.Checkbox(label="Horizontal flips")
                 dropout = gr.Slider(0, 0.5, value=0.0, step=0.05, label="Caption dropout")
@@ -89,7 +91,8 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                             "own predictions on them, so what the base knew stays (lower drift).")
                 with gr.Row():
                     class_prompt = gr.Textbox(label="Class prompt(s), separated by |",
-                                              placeholder="empty: your captions without the trigger", value="")
+                                              placeholder="empty: prompts the base draws well (else your "
+                                                          "captions without the trigger)", value="")
                     # prior preservation is on by default here: keeping the base's knowledge is the point
                     class_images = gr.Slider(0, 200, value=start["class_images"], step=1,
                                              label="Class images from the base (0: off)")

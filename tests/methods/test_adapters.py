@@ -2,6 +2,7 @@
 files other tools read, the stalled-training error, generate jobs that do not leak, and the CLI."""
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +106,8 @@ def test_placements_count_modules(base):
 # --- training -----------------------------------------------------------------------------------------------
 
 def learner_for(base, stars, tmp_path, kind="lora", **kw):
+    """The adapter alone: no trigger token and no prior (test_adapter_defaults.py covers those defaults)."""
+    kw = {"trigger": "", "class_images": 0, **kw}
     req = A.TrainRequest(data=str(stars), kind=kind, rank=4, **kw)
     return A.make_learner(base, req, tmp_path, info={"steps": 4})
 
@@ -168,26 +171,29 @@ def test_batches_are_deterministic_and_use_prior_and_dropout(base, stars, tmp_pa
                          repeats=2, flip=True, caption_dropout=0.5, prior_weight=0.5)
     learner = A.make_learner(base, req, tmp_path)
     data = learner.data
-    assert len(data) == 6 and data.flipped is not None and (tmp_path / "class_images" / "metadata.jsonl").is_file()
+    assert len(data) == 6 and data.flipped is not None
+    assert (Path(learner.info["class_folder"]) / "metadata.jsonl").is_file()
     a, b = next(data.batches(6, 3, 1000)), next(data.batches(6, 3, 1000))
     assert all(torch.equal(a[k], b[k]) for k in a)
     seen = torch.cat([next(data.batches(8, s, 1000))["weights"] for s in range(20)])
     assert set(seen.tolist()) == {1.0, 0.5}
 
 
-def test_class_prompts_and_repeats_default_from_the_captions(base, stars, tmp_path):
-    """Class images without a class prompt are the captions minus the trigger; repeats balance them per epoch."""
+def test_class_prompts_and_repeats_default_from_the_captions(base, stars, tmp_path, monkeypatch):
+    """A base that lists no prompts it draws well: class images are the captions minus the trigger (DreamBooth's
+    class prompt); repeats balance them per epoch."""
+    monkeypatch.setitem(base.defaults, "prior_prompts", [])
     req = A.TrainRequest(data=str(stars), trigger="sks", class_images=8, rank=4)
     learner = A.make_learner(base, req, tmp_path)
-    rows = [json.loads(line) for line in (tmp_path / "class_images" / "metadata.jsonl").read_text().splitlines()]
+    folder = Path(learner.info["class_folder"])
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     captions = learner.data.captions  # "a <colour> sks star"
     expected = [c.replace(" sks", "") for c in captions]
     assert [r["text"] for r in rows] == [expected[i % len(expected)] for i in range(8)]
     assert len(captions) == 4 and learner.data.repeats == 2 and learner.info["repeats"] == learner.data.repeats
-    alone = A.make_learner(base, A.TrainRequest(data=str(stars), rank=4, name="alone"), tmp_path / "alone")
+    alone = A.make_learner(base, A.TrainRequest(data=str(stars), rank=4, name="alone", class_images=0),
+                           tmp_path / "alone")
     assert alone.data.repeats == 1 and alone.data.n_instances == len(alone.data)
-    with pytest.raises(HyperrealError, match="class images need a class prompt"):
-        A.make_learner(base, A.TrainRequest(data=str(stars), class_images=2), tmp_path / "no_trigger")
 
 
 def test_prior_target_is_the_frozen_base(base, stars, tmp_path):

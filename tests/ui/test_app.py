@@ -105,6 +105,35 @@ def test_train_adapter_then_use_it_in_generate(app_url, star_files):
         assert a.tobytes() == b.tobytes()  # switched off, the base is untouched
 
 
+def test_train_adapter_with_the_panels_defaults(app_url, star_files):
+    """Nothing changed but the step count: the trigger is found in the captions, prior preservation runs on the
+    base's known prompts, and the summary has drift, its before/after grid, the trigger and the class images."""
+    import json
+
+    from gradio_client import Client
+
+    url, settings = app_url
+    client = Client(url, verbose=False)
+    table = upload(client, star_files, "a red sks star")
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/train_adapter"]["parameters"]
+    args = [p.get("parameter_default") for p in params]  # what the panel shows before anyone touches it
+    labels = [p["label"] for p in params]
+    args[0] = table
+    args[labels.index("Steps")] = 10
+    args[labels.index("Name")] = "defaults"
+    assert args[labels.index("Trigger phrase (added to captions lacking it)")] == ""
+    assert args[labels.index("Class images from the base (0: off)")] == 64
+    final = client.submit(*args, api_name="/train_adapter").result(timeout=600)
+    assert final[0].startswith("Finished."), final[0]
+    assert "trigger: 'sks'" in final[0] and "prior preservation: 64 images" in final[0], final[0]
+    assert "Drift on 4 prompts" in final[0] and "Before (top) and after (bottom)" in final[0], final[0]
+    assert any("before (top" in (item.get("caption") or "") for item in final[2]), final[2]
+    run = next((settings.outputs / "trained" / "adapter").glob("*-defaults"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["trigger"] == "sks" and summary["class_images"] == 64 and summary["steps"] == 10
+    assert summary["drift"] >= 0 and Path(summary["drift_grid"]).is_file()
+
+
 def test_stop_keeps_the_checkpoint(app_url, star_files):
     from gradio_client import Client
 

@@ -1,13 +1,11 @@
-"""Training an adapter: DreamBooth-style data (instance images, class images from the frozen base, a trigger),
-the learners (:class:`AdapterLearner`, and :class:`FullFineTune`, the whole-UNet comparison), the request that
+"""Training an adapter: DreamBooth-style data (instance images, class images from the frozen base: prior.py, a
+trigger), the learners (:class:`AdapterLearner`, and :class:`FullFineTune`, the whole-UNet comparison), the request that
 turns options into a learner, and drift: how far images for prompts without the trigger moved from the base's.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -15,8 +13,9 @@ from typing import Iterator
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
-from ...datasets import IMAGE_SUFFIXES, encode_images, encode_prompts, image_tensor, load_examples, write_examples
+from ...datasets import IMAGE_SUFFIXES, encode_images, encode_prompts, image_tensor, load_examples
 from ...errors import HyperrealError
 from ...images import open_image
 from ...loading import plain
@@ -26,8 +25,10 @@ from ...training.memory import autocast_for, check_resolution
 from ...training.sampling import EpochQueue, drop_captions, noise_and_timesteps
 from .files import safe_name, save_adapter
 from .runtime import activate, adapters_disabled
+from .prior import (size_kwargs, balanced_repeats, captions_without_trigger, class_image_cache, class_images,
+                    class_prompts_for, known_words)
 from .spec import KINDS, AdapterSpec, adapter_parameters, attach, loaded, sync_tokens
-from .tokens import initial_token_vectors, set_tokens, split_trigger_words
+from .tokens import find_trigger, initial_token_vectors, set_tokens, split_trigger_words
 
 KINDS_AND_FULL = KINDS + ("full",)  # "full": the whole-UNet fine-tune, for comparison
 DEFAULT_RANK = 8
@@ -48,11 +49,13 @@ class TrainRequest:
     # without the trigger are encoded (star task: drift 2.90 without the LoRA, 4.21 with). Never for ``full``
     train_text_encoder: bool | None = None
     text_encoder_lr: float | None = None
-    trigger: str | None = None
+    trigger: str | None = None  # None: the word every caption shares that the base does not know (find_trigger)
     # a trigger word that the tokenizer cuts into pieces gets a new token with a trained embedding (adapter kinds)
     trigger_token: bool = True
+    # prior preservation: [] takes the prompts the base is known to draw well (``prior_prompts`` in its
+    # hyperreal.json), else the captions without the trigger (DreamBooth's class prompt); None: the recipe's count
     class_prompts: list[str] = field(default_factory=list)
-    class_images: int = 0
+    class_images: int | None = None
     prior_weight: float | None = None  # None: the base's recipe (its defaults' adapter_train)
     # None: balance the class images (class images / instance images per epoch, as the star recipe does), else 1
     repeats: int | None = None
@@ -84,6 +87,14 @@ def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = N
     check_resolution(req.resolution)
     if req.text_encoder_lr is not None and not 0 < req.text_encoder_lr < 1:
         raise HyperrealError(f"--text-encoder-lr must be between 0 and 1, got {req.text_encoder_lr}")
+    notes = []  # what the defaults decided, said to the person when training starts
+    if req.trigger is None:
+        found = find_trigger([t for _, t in instance_examples(req.data, None)], base.pipe.tokenizer,
+                             known_words(base))
+        if found:
+            req = replace(req, trigger=found)
+            notes.append(f"trigger: '{found}', the word every caption shares that the base does not know (--trigger "
+                         "or the Trigger field picks another)")
     instances = instance_examples(req.data, req.trigger)
     steps, guidance = base.defaults["steps"], base.defaults["guidance"]
     size = (req.resolution, req.resolution) if req.resolution else (base.defaults["width"], base.defaults["height"])
@@ -94,11 +105,21 @@ def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = N
         words = split_trigger_words(base.pipe.tokenizer, req.trigger)
         if words and req.train_text_encoder is None:  # the token teaches the text side (see TrainRequest)
             req = replace(req, train_text_encoder=False)
-    classes = []
-    if req.class_images:
-        prompts = req.class_prompts or class_prompts_for(instances, req.trigger)
-        classes = class_images(base.pipe, prompts, req.class_images, Path(out) / "class_images",
-                               steps, guidance, seed=req.seed, size=size)
+    classes, folder = [], None
+    count = base.defaults["adapter_train"].get("class_images", 0) if req.class_images is None else req.class_images
+    prompts = req.class_prompts or base.defaults.get("prior_prompts") or []
+    if count and not prompts and not req.trigger and req.class_images is None:
+        notes.append("no trigger found and the base lists no prompts it draws well: prior preservation is off "
+                     "(give --trigger or --class-prompt)")
+        count = 0
+    if count:
+        prompts = prompts or class_prompts_for(instances, req.trigger)
+        folder = class_image_cache(base, prompts, count, req.seed, steps, guidance, size)
+        classes = class_images(base.pipe, prompts, count, folder, steps, guidance, seed=req.seed, size=size)
+        notes.append(f"prior preservation: {len(classes)} images the frozen base drew for "
+                     f"{len(set(prompts))} prompt(s) " + ("it is known to draw well" if not req.class_prompts and
+                                                          base.defaults.get("prior_prompts") else "")
+                     + f" (cached for this base in {folder})")
     repeats = req.repeats if req.repeats is not None else balanced_repeats(len(instances), len(classes))
     prior_weight = base.defaults["adapter_train"]["prior_weight"] if req.prior_weight is None else req.prior_weight
     tokens = initial_token_vectors(base.pipe, words)
@@ -108,6 +129,7 @@ def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = N
                   sample_seed=req.seed, sample_size=(base.defaults["width"], base.defaults["height"]),
                   prior_target=req.prior_target)
     info = {"base": base.name, "trigger": req.trigger, "images": len(instances), "class_images": len(classes),
+            "notes": notes, "class_folder": str(folder) if folder else None,
             "repeats": repeats, "prior_weight": prior_weight if classes else 0.0,
             "resolution": f"{size[0]}x{size[1]}", "file_name": name,
             "trigger_tokens": words, **(info or {})}
@@ -123,23 +145,6 @@ def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = N
         if tokens:  # no learner owns them: the base's tokenizer again
             sync_tokens(base.pipe, [])
         raise
-
-
-def class_prompts_for(instances: list, trigger: str | None) -> list[str]:
-    """Default class prompts: the instance captions without the trigger."""
-    if not trigger:
-        raise HyperrealError("class images need a class prompt: pass --class-prompt 'a photo of a dog' (in the app: "
-                             "Class prompt), or a trigger, whose captions without it become the class prompts")
-    prompts = captions_without_trigger([t for _, t in instances], trigger)
-    if not prompts:
-        raise HyperrealError(f"the captions are only the trigger '{trigger}', so there is no class to preserve: "
-                             "pass --class-prompt 'a photo of a dog' (in the app: Class prompt)")
-    return prompts
-
-
-def balanced_repeats(n_instances: int, n_classes: int) -> int:
-    """Instance repeats that show about as many instance as class images per epoch (kohya counts an epoch so)."""
-    return max(1, round(n_classes / max(n_instances, 1)))
 
 
 # --- training data ------------------------------------------------------------------------------------------
@@ -227,29 +232,7 @@ class DreamBoothData:
                    "weights": self.weights[idx], "is_class": is_class}
 
 
-def class_images(pipe, prompts: list[str], count: int, folder: Path, steps: int, guidance: float,
-                 seed: int = 0, size: tuple[int, int] | None = None) -> list[tuple[object, str]]:
-    """Prior-preservation images from the frozen base, cached in ``folder`` (reused when the prompts match)."""
-    if count < 1 or not prompts:
-        return []
-    wanted = [prompts[i % len(prompts)] for i in range(count)]
-    meta = folder / "metadata.jsonl"
-    if meta.is_file():
-        rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
-        if [r["text"] for r in rows] == wanted:
-            return [(open_image(folder / r["file_name"]), r["text"]) for r in rows]
-    with adapters_disabled(pipe):
-        images = generate_images(pipe, [(p, seed + i) for i, p in enumerate(wanted)], steps, guidance,
-                                 **_size(size))
-    write_examples(folder, list(zip(images, wanted)), prefix="class")
-    return list(zip(images, wanted))
-
-
 # --- the learners -------------------------------------------------------------------------------------------
-
-def _size(size: tuple[int, int] | None) -> dict:
-    return {"width": size[0], "height": size[1]} if size else {}
-
 
 class _DiffusionLearner(BesideTheBase):
     """What adapter training and full fine-tuning share: the denoising loss and fixed-seed samples."""
@@ -305,7 +288,7 @@ class _DiffusionLearner(BesideTheBase):
         """Fixed seeds through the inference pipeline and scheduler, so samples match what generation gives."""
         pairs = [(p, self.sample_seed + i) for i, p in enumerate(self.sample_prompts)]
         images = generate_images(self.sample_pipe, pairs, self.sample_steps, self.sample_guidance,
-                                 **_size(self.sample_size))
+                                 **size_kwargs(self.sample_size))
         return images, [f"{p} (seed {s})" for p, s in pairs]
 
     def after_step(self, step: int) -> None:
@@ -437,7 +420,7 @@ def mean_abs_difference(a, b) -> float:
 
 def drift(learner, pairs: list[tuple[str, int]], steps: int, guidance: float, base_images=None) -> dict:
     """How far the adapted model's images for prompts without the trigger moved from the base's (same seeds)."""
-    size = _size(learner.sample_size)
+    size = size_kwargs(learner.sample_size)
     with autocast_for(learner.base_dtype, learner.device):  # a full fine-tune's fp32 copy beside a half base
         if base_images is None:
             with learner.base_only() as base_pipe:
@@ -445,6 +428,16 @@ def drift(learner, pairs: list[tuple[str, int]], steps: int, guidance: float, ba
         adapted = generate_images(learner.sample_pipe, pairs, steps, guidance, **size)
     return {"drift": mean_abs_difference(adapted, base_images), "n": len(pairs), "images": adapted,
             "base_images": base_images}
+
+
+def drift_grid(base_images: list, adapted: list) -> Image.Image:
+    """Before (top row: the base) and after (bottom row: with the adapter), the same prompts and seeds."""
+    w, h = base_images[0].size
+    grid = Image.new("RGB", (w * len(base_images) + 2 * (len(base_images) - 1), 2 * h + 2), "white")
+    for i, (b, a) in enumerate(zip(base_images, adapted)):
+        grid.paste(b.convert("RGB"), (i * (w + 2), 0))
+        grid.paste(a.convert("RGB"), (i * (w + 2), h + 2))
+    return grid
 
 
 def default_drift_prompts(base, captions: list[str], trigger: str | None, n: int = 8) -> list[tuple[str, int]]:
@@ -457,17 +450,5 @@ def default_drift_prompts(base, captions: list[str], trigger: str | None, n: int
         return [(p, int(s)) for group, k in zip(groups, counts) for p, s in group[:k]]
     texts = captions_without_trigger(captions, trigger) or ["a photo"]
     return [(texts[i % len(texts)], 1000 + i) for i in range(n)]
-
-
-def captions_without_trigger(captions: list[str], trigger: str | None) -> list[str]:
-    """The captions with the trigger removed, each once: "a photo of sks dog" -> "a photo of dog", the class the
-    subject belongs to (DreamBooth's class prompt, and the prompts whose drift matters)."""
-    texts = []
-    for c in captions:
-        t = re.sub(re.escape(trigger), "", c, flags=re.I) if trigger else c
-        t = re.sub(r"\s+", " ", t).strip(" ,")
-        if t and t not in texts:
-            texts.append(t)
-    return texts
 
 

@@ -1,0 +1,45 @@
+"""The README's adapter tables, from the JSON that ``python -m hyperreal eval adapter --json`` prints.
+
+    python -m hyperreal eval adapter --work WORK --json | tail -1 > star.json
+    python bench/star_table.py star.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+NAMES = {"full": "full UNet fine-tune"}
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def split_table(split: str, result: dict) -> str:
+    b = result["base_figures"]
+    lines = ["| kind | star of the colour asked | any star | without the trigger: all | one object | drift (0–255) "
+             "| training | trained parameters | targets |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| base alone | {pct(b['star_colour_rate'])} | {pct(b['star_rate'])} | {pct(b['colour_shape_accuracy'])} "
+             f"| {pct(b['one_object_accuracy'])} | 0 | | | |"]
+    for kind, r in result["kinds"].items():
+        met = r.get("targets_met")
+        targets = "comparison" if met is None else ("**all met**" if all(met.values()) else
+                                                     "missed: " + ", ".join(k for k, v in met.items() if not v))
+        lines.append(
+            f"| {NAMES.get(kind, kind)} | {pct(r['star_colour_rate'])} | {pct(r['star_rate'])} "
+            f"| {pct(r['colour_shape_accuracy'])} ({r['accuracy_change_points']:+.1f}) "
+            f"| {pct(r['one_object_accuracy'])} ({r['one_object_change_points']:+.1f}) | {r['drift']:.2f} "
+            f"| {r['train_seconds']:.0f} s | {r['trained_parameters']:,} | {targets} |")
+    return f"**{split}** split:\n\n" + "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    figures = json.loads(Path(argv[0]).read_text().strip().splitlines()[-1])
+    print("\n\n".join(split_table(split, result) for split, result in figures["splits"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
