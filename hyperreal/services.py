@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from PIL import Image
+
 from . import training
 from .datasets import load_examples, unpack
 from .errors import HyperrealError
@@ -155,8 +157,6 @@ def train_adapter(base: BaseModel, req: adapters.TrainRequest, cfg: TrainConfig,
         f"{measured['drift']:.2f} (0-255) from the base, same seeds; small is good: the base kept its knowledge. "
         f"Before (top) and after (bottom): {measured['drift_grid']}", cfg.steps)
     if on_event is not None:  # the grid itself, for the app's gallery
-        from PIL import Image
-
         with Image.open(measured["drift_grid"]) as grid:
             on_event(ProgressEvent("info", cfg.steps, cfg.steps, images=[grid.copy()], captions=[
                 f"without the trigger, before (top: the base) and after (bottom: with the adapter); drift "

@@ -9,24 +9,13 @@ import torch
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from bench.star import star_dataset
 from hyperreal.datasets import write_examples
 from hyperreal import training
 from hyperreal.errors import HyperrealError
-from hyperreal.loading import SD15_CONFIGS, load_base
+from hyperreal.loading import SD15_CONFIGS
 from hyperreal.methods import adapters as A
 from hyperreal.methods.adapters.prior import known_words
 from hyperreal.shapes.world import render_caption
-
-
-@pytest.fixture()
-def base():
-    return load_base("tiny")
-
-
-@pytest.fixture(scope="module")
-def stars(tmp_path_factory):
-    return star_dataset(tmp_path_factory.mktemp("stars"), n=4)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from bench.star import star_dataset
 from hyperreal import training
 from hyperreal.loading import plain
 from hyperreal.methods import adapters as A
@@ -20,19 +19,6 @@ from tests.conftest import run_cli
 
 PAIRS = [("a red circle", 1), ("a blue square on the left", 2)]
 STEPS = 4  # sampling steps: enough to compare images, fast
-
-
-@pytest.fixture()
-def base():
-    """A fresh base per test: adapters attached here never reach the session-wide ``tiny`` fixture."""
-    from hyperreal.loading import load_base
-
-    return load_base("tiny")
-
-
-@pytest.fixture(scope="module")
-def stars(tmp_path_factory):
-    return star_dataset(tmp_path_factory.mktemp("stars"), n=4)
 
 
 def unet_out(pipe) -> torch.Tensor:

@@ -4,9 +4,10 @@ from .files import LOADS_IN, describe_file, kohya_state_dict, load_adapter, reso
 from .runtime import activate, adapters_disabled, check_job_adapters, fuse, job_adapters, unfuse
 from .spec import (ALPHA_PRESETS, KINDS, TEXT_ENCODER_PLACEMENTS, UNET_PLACEMENTS, AdapterSpec, adapter_parameters,
                    adapter_tokens, attach, loaded, remove_adapter, remove_all, target_modules)
+from .prior import captions_without_trigger
 from .tokens import find_trigger, split_trigger_words
 from .train import (DEFAULT_RANK, KINDS_AND_FULL, AdapterLearner,
-                    FullFineTune, TrainRequest, captions_without_trigger, default_drift_prompts, drift, drift_grid, images_array,
+                    FullFineTune, TrainRequest, default_drift_prompts, drift, drift_grid, images_array,
                     instance_examples, make_learner, mean_abs_difference)
 
 __all__ = ["ALPHA_PRESETS", "DEFAULT_RANK", "KINDS_AND_FULL", "KINDS",
