@@ -20,6 +20,7 @@ from . import training
 from .datasets import load_examples, unpack
 from .errors import HyperrealError
 from .loading import BaseModel
+from .registry import embedded_artifacts
 from .methods import adapters, bridge, controlnet
 from .shapes import phrasing
 from .training import CancelToken, ProgressEvent, TrainConfig, memory
@@ -227,6 +228,13 @@ def bridge_data(base: BaseModel | None, req: bridge.TrainRequest, scenes: int = 
     if world == "shapes":
         data.rephrase = phrasing.phrase
     return data
+
+
+def bridge_examples(base_name: str) -> list[str]:
+    """Prompts to try with the base's embedded bridges (their ``examples``: other languages, words the base never
+    learnt), the default bridge's first."""
+    return [e for a in embedded_artifacts() if a.kind == "bridge" and a.info.get("base") == base_name
+            for e in a.info.get("examples", [])]
 
 
 def check_bridge_request(req: bridge.TrainRequest, out: str | Path) -> bridge.TrainRequest:

@@ -46,8 +46,11 @@ def add_eval(esub) -> None:
                                 "prompts with synonyms and other phrasings, and on the original captions", evaluate)
     eb.add_argument("--bridge", action="append", help="LABEL=FILE|NAME to measure (default: the embedded "
                     "tiny-bridge, both modes)")
-    eb.add_argument("--synonym-prompts", type=int, default=96)
+    eb.add_argument("--synonym-prompts", type=int, default=96, help="English prompts with unseen words, per split")
+    eb.add_argument("--language-prompts", type=int, default=32, help="prompts per other language, per split")
     eb.add_argument("--original-prompts", type=int, default=64, help="held-out captions per set (one, two objects)")
+    eb.add_argument("--split", choices=("dev", "held-out", "both"), default="both",
+                    help="the prompts' split (targets are judged on held-out)")
 
 
 def train(args) -> int:
@@ -61,8 +64,8 @@ def train(args) -> int:
 
 
 def evaluate(args) -> int:
-    if args.synonym_prompts < 2 or args.original_prompts < 2:
-        raise HyperrealError("--synonym-prompts and --original-prompts must be at least 2")
+    if min(args.synonym_prompts, args.original_prompts, args.language_prompts) < 2:
+        raise HyperrealError("--synonym-prompts, --language-prompts and --original-prompts must be at least 2")
     if args.bridge:
         bridges = {}
         for item in args.bridge:
@@ -78,7 +81,9 @@ def evaluate(args) -> int:
     base = common.load(args)
     if base.name != "tiny":
         raise HyperrealError("eval bridge measures the tiny base's shapes world; use --base tiny")
-    figures = synonyms.benchmark(base, bridges, args.synonym_prompts, args.original_prompts)
+    splits = ("dev", "held-out") if args.split == "both" else (args.split,)
+    figures = synonyms.benchmark(base, bridges, args.synonym_prompts, args.original_prompts, args.language_prompts,
+                                 splits)
     if args.json:
         print(json.dumps(figures))
     return 0

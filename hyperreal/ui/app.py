@@ -131,7 +131,7 @@ def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
             methods.append(MethodInputs("controlnet", cn["inputs"], controlnet_to_job, keep(len(cn["inputs"]))))
             br = build_bridge_tab(lambda: library.choices("bridge"), bridge_trainer(current, library),
                                   lambda: bridge_train_knobs(recipe("bridge"), base.defaults["world"] == "shapes"),
-                                  caption, memory("bridge"))
+                                  caption, memory("bridge"), services.bridge_examples(base.name), gen_tab["prompt"])
             methods.append(MethodInputs("bridge", br["inputs"], bridge_to_job, bridge_restore))
         cn["wire_preview"](gen_tab["width"], gen_tab["height"])
         gen_tab["connect"]([c for m in methods for c in m.components],

@@ -16,7 +16,10 @@ encoder brings the words and phrasings the base never learned."""
 
 def build_bridge_tab(choices: Callable[[], list], start_training: Callable | None,
                      train_knobs: Callable[[], dict] | None, default_caption: str,
-                     memory: Callable[[str], dict] | None = None) -> dict:
+                     memory: Callable[[str], dict] | None = None, examples: list[str] | None = None,
+                     prompt=None) -> dict:
+    """``examples``: prompts the default bridge reads and the base alone does not (other languages, other words);
+    choosing one puts it in Generate's ``prompt`` and turns the bridge on."""
     with gr.Tab("Encoder bridge", id="bridge"):
         gr.Markdown(WHAT)
         with gr.Group():
@@ -28,6 +31,10 @@ def build_bridge_tab(choices: Callable[[], list], start_training: Callable | Non
                                    allow_custom_value=True, scale=3)
                 scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Scale (fuse: gates × scale; swap: α)", scale=2)
             refresh = gr.Button("↻ Refresh the list", size="sm")
+            if examples and prompt is not None and opts:
+                gr.Examples(examples=[[e, True, opts[0][1]] for e in examples], inputs=[prompt, on, path],
+                            label="Prompt in your language (or in words the base never learnt): pick one, then "
+                                  "Generate", examples_per_page=12)
         refresh.click(lambda: gr.Dropdown(choices=choices()), None, path, api_name="bridge_refresh", queue=False)
         panel = None
         if start_training is not None:

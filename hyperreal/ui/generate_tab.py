@@ -86,4 +86,5 @@ def build_generate_tab(generate: Callable, parse_parameters: Callable, defaults:
             reuse.click(_reuse, info, [prompt, negative, seed, steps, guidance, width, height, *extra_inputs],
                         api_name="reuse_settings", queue=False)
 
-    return {"connect": connect, "width": width, "height": height, "steps": steps, "guidance": guidance}
+    return {"connect": connect, "width": width, "height": height, "steps": steps, "guidance": guidance,
+            "prompt": prompt}

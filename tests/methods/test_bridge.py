@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from bench.synonyms import DEV_COLOURS, DEV_SHAPES
 from hyperreal import services, training
@@ -30,9 +29,9 @@ def image(base, prompt="a red circle", seed=3, bridge=None):
     return np.asarray(run_job(base, job)[0], dtype=np.int16)
 
 
-def fresh(base, mode, tmp_path, name=None):
-    enc = B.get_encoder(base, "minilm")
-    spec = B.new_spec(base, enc, mode, max_length=16, width=64, layers=1)
+def fresh(base, mode, tmp_path, name=None, encoder="minilm", residual=True):
+    enc = B.get_encoder(base, encoder)
+    spec = B.new_spec(base, enc, mode, max_length=16, width=64, layers=1, residual=residual)
     lb = B.LoadedBridge(B.Bridge.create(spec, base.pipe.unet), enc, {"base": base.name})
     return lb, B.save_bridge(lb, tmp_path / f"{name or mode}.safetensors")
 
@@ -41,9 +40,14 @@ def test_zero_gate_and_zero_alpha_are_the_exact_base(base, tmp_path):
     ref = image(base)
     _, fuse = fresh(base, "fuse", tmp_path)
     _, swap = fresh(base, "swap", tmp_path)
+    _, plain = fresh(base, "swap", tmp_path, "plain", residual=False)
+    _, pooled = fresh(base, "swap", tmp_path, "pooled", encoder="use-multilingual")
     assert np.array_equal(ref, image(base, bridge={"path": str(fuse), "scale": 1.0}))  # fresh gates are 0
-    assert np.array_equal(ref, image(base, bridge={"path": str(swap), "scale": 0.0}))  # alpha 0
-    assert not np.array_equal(ref, image(base, bridge={"path": str(swap), "scale": 1.0}))  # untrained translator
+    assert np.array_equal(ref, image(base, bridge={"path": str(plain), "scale": 0.0}))  # alpha 0
+    assert not np.array_equal(ref, image(base, bridge={"path": str(plain), "scale": 1.0}))  # untrained translator
+    # a residual swap bridge adds a zero-initialised correction to the base's condition: the base even at scale 1
+    for residual in (swap, pooled):
+        assert np.array_equal(ref, image(base, bridge={"path": str(residual), "scale": 1.0}))
     assert np.array_equal(ref, image(base))  # nothing left behind on the shared pipeline
     assert all(not isinstance(p, B.FuseAttnProcessor) for p in base.pipe.unet.attn_processors.values())
 
@@ -57,6 +61,21 @@ def test_gates_get_gradients_at_zero(base, tmp_path):
         loss.backward()
         g = learner.lb.bridge.gates.grad
         assert g is not None and float(g.abs().sum()) > 0
+    finally:
+        learner.close()
+
+
+def test_fuse_keeps_the_base_where_the_base_reads_the_caption(base, tmp_path):
+    """keep_base: where the base encoder reads the caption the target is the frozen base's own prediction, so a
+    fresh fuse bridge (gates 0) has exactly zero loss there; where the base reads nothing, the usual target."""
+    req = B.TrainRequest(data="shapes", mode="fuse", max_length=16, width=64, base_dropout=0.0, paraphrase=False)
+    (_, learner), = B.make_learners(base, req, tmp_path, services.bridge_data(base, req, scenes=8))
+    try:
+        learner.uncond_dropout = 0.0
+        batch = next(learner.batches(4, 0))
+        assert all(batch["teach"]) and float(learner.loss(batch)) == 0.0
+        learner.keep_base = False
+        assert float(learner.loss(next(learner.batches(4, 0)))) > 0.0
     finally:
         learner.close()
 
@@ -109,22 +128,72 @@ def test_development_words_never_in_training_phrasings():
     assert not {p for p, _ in one + two} & set(phrasing.shapes_captions())
 
 
-def test_bart_config_path_builds_trains_saves_reloads(base, tmp_path):
-    """A BART with the real facebook/bart-base config (random weights, built here: no download) through the same
-    AutoTokenizer/AutoModel folder path, attached to the tiny base by a projection, with LoRA on its attention."""
-    from transformers import AutoTokenizer, BartConfig, BartModel
+@pytest.mark.parametrize("mode", ["swap", "fuse"])
+def test_pooled_sentence_encoder_bridge_trains_round_trips_and_keeps_the_base(base, tmp_path, mode):
+    """USE multilingual (one vector per text, numpy) projected to a few tokens: trains, saves, reloads the same."""
+    pipe = base.pipe
+    frozen = digest(pipe.unet, pipe.vae, pipe.text_encoder)
+    req = B.TrainRequest(data="shapes", mode=mode, encoder="use-multilingual", width=64, layers=1, name=mode)
+    cfg = training.TrainConfig(steps=3, batch_size=4, lr=1e-2, log_every=1)
+    path = services.train_bridge(base, req, cfg, tmp_path, scenes=8).paths[0]
+    assert digest(pipe.unet, pipe.vae, pipe.text_encoder) == frozen
+    spec = B.read_header(path)["spec"]
+    assert (spec["encoder"], spec["encoder_width"], spec["pooled_tokens"]) == ("use-multilingual", 512, 4)
+    assert spec["residual"] == (mode == "swap")
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(path.read_bytes())
+    prompt = "un círculo rojo a la izquierda"
+    a = image(base, prompt, 5, {"path": str(path), "scale": 1.0})
+    assert np.array_equal(a, image(base, prompt, 5, {"path": str(copy), "scale": 1.0}))
+    assert not np.array_equal(a, image(base, prompt, 5))
+    with pytest.raises(HyperrealError, match="pooled sentence encoder"):
+        lora = B.TrainRequest(data="shapes", mode="swap", encoder="use-multilingual", lora_rank=2)
+        B.make_learners(base, lora, tmp_path / "lora", services.bridge_data(base, lora))
 
-    cfg = BartConfig(vocab_size=50265, max_position_embeddings=1024, d_model=768, encoder_layers=6,
-                     decoder_layers=6, encoder_attention_heads=12, decoder_attention_heads=12,
-                     encoder_ffn_dim=3072, decoder_ffn_dim=3072, activation_function="gelu", dropout=0.1,
-                     attention_dropout=0.0, activation_dropout=0.0, init_std=0.02, scale_embedding=False,
-                     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-                     forced_eos_token_id=2, normalize_before=False, add_final_layer_norm=False)
-    folder = tmp_path / "bart-base-random"
-    torch.manual_seed(0)
-    BartModel(cfg).save_pretrained(folder, safe_serialization=True)
-    # bart-base's BPE tokenizer cannot be downloaded here; any tokenizer whose ids fit BART's vocabulary does
-    AutoTokenizer.from_pretrained(B.resolve_encoder("minilm")).save_pretrained(folder)
+
+def test_residual_swap_learns_to_leave_what_the_base_reads(base):
+    """Distillation's batches: the target is always the canonical caption's condition; the base side reads the
+    same text, nothing, or letters it cannot read (as for another language)."""
+    req = B.TrainRequest(data="shapes", mode="swap", encoder="use-multilingual", width=64, layers=1)
+    (_, learner), = B.make_learners(base, req, "/tmp/unused", services.bridge_data(base, req))
+    texts, base_texts, target = next(learner.batches(256, 0))
+    same = sum(t == b for t, b in zip(texts, base_texts))
+    assert 0.35 < same / 256 < 0.65 and "" in base_texts
+    odd = [b for t, b in zip(texts, base_texts) if b and b != t]
+    assert odd and all(len(b.split()) == len(t.split()) for t, b in zip(texts, base_texts) if b and b != t)
+    assert target.shape == (256, 32, 128)
+
+
+def test_language_prompts_are_never_trained_on():
+    """The benchmark's other-language and held-out English prompts share no word with the training phrasings."""
+    import random
+
+    from bench import languages as L
+    from bench.synonyms import prompt_sets
+
+    rng = random.Random(0)
+    train = {w.strip(",.") for c in phrasing.shapes_captions() for _ in range(5)
+             for w in phrasing.phrase(c, rng).split()}
+    held = {w for v in list(L.HELD_OUT_COLOURS.values()) + list(L.HELD_OUT_SHAPES.values()) for s in v
+            for w in s.split()}
+    dev = {w for v in list(DEV_COLOURS.values()) + list(DEV_SHAPES.values()) for s in v for w in s.split()}
+    assert not held & (train | dev)
+    for split in L.SPLITS:
+        sets = prompt_sets(split, 16, 16)
+        assert set(sets) == {"en", *L.TARGET_LANGUAGES, *L.REPORTED_LANGUAGES}
+        for lang in L.LANGUAGES:
+            words = {w.strip(",.") for p, _, _ in sets[lang] for w in p.lower().split()}
+            # only words spelt the same in English may repeat (French "a", "image", "orange", "triangle"; German "in")
+            assert words & train <= {"a", "image", "orange", "triangle", "in"}, (lang, words & train)
+    dev = {p for lang in L.LANGUAGES for p, _, _ in L.language_prompts(lang, "dev", 32)}
+    held_out = {p for lang in L.LANGUAGES for p, _, _ in L.language_prompts(lang, "held-out", 32)}
+    assert not dev & held_out
+
+
+def test_bart_config_path_builds_trains_saves_reloads(base, tmp_path, bart_folder):
+    """A BART with the real facebook/bart-base config (random weights) through the same AutoTokenizer/AutoModel
+    folder path, attached to the tiny base by a projection, with LoRA on its attention."""
+    folder = bart_folder
     req = B.TrainRequest(data="shapes", mode="fuse", encoder=str(folder), max_length=12, width=64, lora_rank=2,
                          name="bart")
     cfg = training.TrainConfig(steps=1, batch_size=2, lr=1e-2, log_every=1)

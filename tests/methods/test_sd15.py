@@ -129,6 +129,29 @@ def test_bridge_trains_saves_reloads_and_generates(folder, data, tmp_path, dtype
     assert np.array_equal(pixels(base, job("a red square")), plain)
 
 
+@pytest.mark.parametrize("mode", ["swap", "fuse"])
+def test_bart_bridge_trains_saves_reloads_and_generates(folder, data, tmp_path, bart_folder, mode):
+    """The transformers path SD1.5 uses by default (BART, bart-base's real config, random weights) in bf16."""
+    base = base_for(folder, "bf16")
+    before, plain = frozen(base), pixels(base, job("a red square"))
+    req = bridge.TrainRequest(data=str(data["scenes"]), mode=mode, encoder=str(bart_folder), max_length=16,
+                              width=32, layers=1, resolution=SIZE, diffusion_steps=1 if mode == "swap" else 0,
+                              name="bart")
+    report = services.train_bridge(base, req, TrainConfig(**CFG), tmp_path)
+    assert frozen(base) == before
+    path = tmp_path / "bart.safetensors"
+    spec = bridge.read_header(path)["spec"]
+    assert report.paths == [path] and (spec["encoder_width"], spec["encoder_states"]) == (768, 7)
+    assert spec["residual"] == (mode == "swap")
+    j = job("un cuadrado rojo", bridge={"path": str(path), "scale": 1.0})
+    first = pixels(base, j)
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(path.read_bytes())  # a fresh load from the file gives the same image
+    assert np.array_equal(first, pixels(base, job("un cuadrado rojo", bridge={"path": str(copy), "scale": 1.0})))
+    assert first.shape == (SIZE, SIZE, 3)
+    assert np.array_equal(pixels(base, job("a red square")), plain)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_all_three_methods_in_one_job(folder, data, tmp_path, dtype):
     base = base_for(folder, dtype)

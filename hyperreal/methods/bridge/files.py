@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from ... import sources
 from ...errors import HyperrealError
 from ...registry import find_embedded
-from .encoders import TextEncoder, add_encoder_lora, encoder_lora_state, resolve_encoder
+from .encoders import TextEncoder, add_encoder_lora, encoder_lora_state, load_encoder, resolve_encoder
 from .spec import FORMAT, Bridge, BridgeSpec, LoadedBridge
 
 
@@ -68,7 +68,7 @@ def load_bridge(source: str, encoder: TextEncoder | None = None, device="cpu") -
     bridge.to(device).requires_grad_(False).eval()
     lora = {k[len("encoder_lora."):]: v for k, v in tensors.items() if k.startswith("encoder_lora.")}
     if encoder is None or lora:
-        encoder = TextEncoder(spec.encoder, device)  # a private copy: LoRA changes the encoder
+        encoder = load_encoder(spec.encoder, device)  # a private copy: LoRA changes the encoder
     if encoder.source != spec.encoder and resolve_encoder(encoder.source) != resolve_encoder(spec.encoder):
         raise HyperrealError(f"bridge '{source}' was trained with encoder '{spec.encoder}', not '{encoder.source}'")
     if lora:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ... import sources
 from ...errors import HyperrealError
 from ...pipelines import JobKey, generate_images
-from .encoders import TextEncoder, resolve_encoder
+from .encoders import TextEncoder, load_encoder, resolve_encoder
 from .files import load_bridge, read_header, resolve_bridge_path
 from .spec import Bridge, BridgeSpec, LoadedBridge, base_linear, check_compatible, cross_attention_layers
 
@@ -104,7 +104,7 @@ _BRIDGES = sources.PerBaseCache(MAX_CACHED)
 
 
 def get_encoder(base, source: str) -> TextEncoder:
-    return _ENCODERS.get(base.pipe.unet, resolve_encoder(source), lambda: TextEncoder(source, base.pipe.device))
+    return _ENCODERS.get(base.pipe.unet, resolve_encoder(source), lambda: load_encoder(source, base.pipe.device))
 
 
 def get_bridge(base, source: str) -> LoadedBridge:
@@ -135,12 +135,12 @@ def conditioning(pipe, lb: LoadedBridge, prompts: list[str], negatives: list[str
         if lb.spec.mode == "swap":
             dev = pipe.text_encoder.device
             base_pos, _ = pipe.encode_prompt(prompts, dev, 1, False)
-            ours, _ = lb.encode(prompts)
+            ours, _ = lb.encode(prompts, base_pos)
             out = {"prompt_embeds": (1.0 - scale) * base_pos + scale * ours.to(base_pos.dtype)}
             if any(neg):
                 base_neg, _ = pipe.encode_prompt(neg, dev, 1, False)
                 # an empty negative prompt stays the base's own (the bridge never learnt "nothing")
-                theirs, _ = lb.encode(neg)
+                theirs, _ = lb.encode(neg, base_neg)
                 blend = (1.0 - scale) * base_neg + scale * theirs.to(base_neg.dtype)
                 keep = torch.tensor([not n for n in neg], device=dev)[:, None, None]
                 out["negative_prompt_embeds"] = torch.where(keep, base_neg, blend)

@@ -9,7 +9,13 @@ The base keeps its own text encoder and UNet untouched; only the new side learns
 - **swap**: a small translator maps the extra encoder's tokens into the base text encoder's output space (77x768 on
   SD1.5). It is trained first by distillation against the base text encoder on captions alone
   (GlueGen's idea: no images, no UNet backward pass), then optionally with the diffusion loss through the frozen
-  UNet. At inference ``condition = (1 - a) * base + a * bridge``; ``a = 0`` is the original.
+  UNet. At inference ``condition = (1 - a) * base + a * bridge``; ``a = 0`` is the original. A *residual* swap
+  bridge (the default for new ones) reads the base encoder's output too and adds a correction to it, whose last
+  layer starts at zero: at the start it returns the base's own condition exactly, and it learns to leave prompts
+  the base already reads alone, so what the base knew is kept at ``a = 1`` as well.
+
+A pooled sentence encoder (one vector per text, e.g. USE multilingual) is read as one token and projected to
+``pooled_tokens`` tokens by a learned linear layer, as IP-Adapter projects an image embedding.
 
 Both read a learned weighted mix of all of the encoder's layer outputs (each layer normalised), not only the last.
 Optionally LoRA (PEFT) on the extra encoder's attention learns too. One small ``.safetensors`` file holds the bridge,
@@ -53,6 +59,8 @@ class BridgeSpec:
     heads: int = 4
     lora_rank: int = 0
     fuse_layers: list = field(default_factory=list)  # [[processor name, inner dim], ...]
+    pooled_tokens: int = 0  # > 0: the encoder gives one vector per text, projected to this many tokens
+    residual: bool = False  # swap: base condition + a zero-initialised correction (files before it: False)
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -61,6 +69,8 @@ class BridgeSpec:
             raise HyperrealError(f"--width ({self.width}) must be a multiple of --heads ({self.heads})")
         if not 1 <= self.max_length <= 512:
             raise HyperrealError(f"--max-length must be between 1 and 512, got {self.max_length}")
+        if not 0 <= self.pooled_tokens <= 77:
+            raise HyperrealError(f"pooled tokens must be between 0 and 77, got {self.pooled_tokens}")
 
 
 def cross_attention_layers(unet) -> list[tuple[str, object]]:
@@ -84,14 +94,21 @@ class Bridge(nn.Module):
         self.spec = spec
         self.mix_logits = nn.Parameter(torch.zeros(spec.encoder_states))
         w = spec.width
+        if spec.pooled_tokens:
+            self.expand = nn.Linear(spec.encoder_width, spec.pooled_tokens * spec.encoder_width)
         if spec.mode == "swap":
             self.inp = nn.Linear(spec.encoder_width, w)
             self.queries = nn.Parameter(torch.randn(spec.base_length, w) * 0.02)
+            if spec.residual:
+                self.base_in = nn.Linear(spec.base_width, w)
             self.blocks = nn.ModuleList(
                 nn.TransformerDecoderLayer(w, spec.heads, 2 * w, dropout=0.0, batch_first=True, norm_first=True)
                 for _ in range(spec.layers))
             self.out_norm = nn.LayerNorm(w)
             self.out = nn.Linear(w, spec.base_width)
+            if spec.residual:  # the correction starts at exactly zero: the base's own condition
+                nn.init.zeros_(self.out.weight)
+                nn.init.zeros_(self.out.bias)
         else:
             self.proj = nn.Sequential(nn.Linear(spec.encoder_width, w), nn.GELU(), nn.Linear(w, spec.base_width))
             self.out_norm = nn.LayerNorm(spec.base_width)
@@ -122,15 +139,31 @@ class Bridge(nn.Module):
         w = torch.softmax(self.mix_logits, 0)
         return sum(w[i] * F.layer_norm(s.float(), s.shape[-1:]) for i, s in enumerate(states))
 
-    def forward(self, states: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    def tokens(self, states: list[torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The extra encoder's reading as tokens and their mask (a pooled vector projected to a few tokens)."""
         x = self.mix(states)
+        if self.spec.pooled_tokens:
+            n, k = x.shape[0], self.spec.pooled_tokens
+            x = F.layer_norm(self.expand(x[:, 0]).view(n, k, -1), (self.spec.encoder_width,))
+            mask = torch.ones(n, k, dtype=mask.dtype, device=mask.device)
+        return x, mask
+
+    def forward(self, states: list[torch.Tensor], mask: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """Swap: the condition for the UNet (a residual bridge needs ``base``, the base encoder's output for the same
+        prompt); fuse: the extra tokens for the new key/value projections."""
+        x, mask = self.tokens(states, mask)
         if self.spec.mode == "swap":
             h = self.inp(x)
             q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)
+            if self.spec.residual:
+                if base is None:
+                    raise RuntimeError("a residual swap bridge needs the base encoder's output")
+                q = q + self.base_in(base.float())
             pad = mask == 0
             for blk in self.blocks:
                 q = blk(q, h, memory_key_padding_mask=pad)
-            return self.out(self.out_norm(q))
+            out = self.out(self.out_norm(q))
+            return base.float() + out if self.spec.residual else out
         return self.out_norm(self.proj(x))
 
     def layer_weights(self) -> list[float]:
@@ -147,18 +180,27 @@ class LoadedBridge:
     def spec(self) -> BridgeSpec:
         return self.bridge.spec
 
-    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = self.encoder.tokenize(texts, self.spec.max_length)
-        return self.bridge(self.encoder.states(ids, mask), mask), mask
+    def encode(self, texts: list[str], base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bridge's output for ``texts`` (``base``: the base encoder's output for them, for a residual bridge)
+        and the mask of the extra tokens."""
+        states, mask = self.encoder.read(texts, self.spec.max_length)
+        out = self.bridge(states, mask, base)
+        if self.spec.pooled_tokens:
+            mask = torch.ones(mask.shape[0], self.spec.pooled_tokens, dtype=mask.dtype, device=mask.device)
+        return out, mask
+
+
+POOLED_TOKENS = 4  # tokens a pooled vector is projected to (IP-Adapter uses 4 for an image embedding)
 
 
 def new_spec(base, encoder: TextEncoder, mode: str, max_length: int | None = None, width: int = 256,
-             layers: int = 3, heads: int = 4, lora_rank: int = 0) -> BridgeSpec:
+             layers: int = 3, heads: int = 4, lora_rank: int = 0, residual: bool = True) -> BridgeSpec:
     te = base.pipe.text_encoder
     return BridgeSpec(mode=mode, encoder=encoder.source, encoder_width=encoder.width,
                       encoder_states=encoder.n_states, max_length=max_length or base.pipe.tokenizer.model_max_length,
                       base_width=int(te.config.hidden_size), base_length=int(base.pipe.tokenizer.model_max_length),
-                      width=width, layers=layers, heads=heads, lora_rank=lora_rank)
+                      width=width, layers=layers, heads=heads, lora_rank=lora_rank,
+                      pooled_tokens=POOLED_TOKENS if encoder.pooled else 0, residual=residual and mode == "swap")
 
 
 def check_compatible(base, lb: LoadedBridge, where: str = "bridge") -> None:

@@ -23,7 +23,7 @@ from ...images import open_image
 from ...training import BesideTheBase, DenoisingObjective
 from ...training.memory import check_resolution
 from ...training.sampling import noise_and_timesteps
-from .encoders import TextEncoder, add_encoder_lora, default_encoder, encoder_lora_state
+from .encoders import add_encoder_lora, default_encoder, encoder_lora_state, load_encoder
 from .files import save_bridge
 from .runtime import FuseState, fuse_installed, generate, get_encoder
 from .spec import MODES, Bridge, LoadedBridge, new_spec
@@ -102,15 +102,34 @@ class _BridgeLearner(BesideTheBase):
     def after_step(self, step: int) -> None:
         self.steps_done = step
 
-    def _text(self, rng: random.Random, caption: str) -> str:
-        return self.rephrase(caption, rng) if self.rephrase else caption
+    # a pooled encoder reads each new text whole on the CPU (milliseconds each): it sees a fixed set of phrasings
+    # per caption, drawn once, so that it reads each text once per run (its vectors are memoised)
+    PHRASINGS = 48
 
-    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.lb.encoder
-        ids, mask = enc.tokenize(texts, self.lb.spec.max_length)
+    def _text(self, rng: random.Random, caption: str) -> str:
+        if not self.rephrase:
+            return caption
+        if not self.lb.encoder.pooled:
+            return self.rephrase(caption, rng)
+        if not hasattr(self, "_phrasings"):
+            self._phrasings: dict[str, list[str]] = {}
+        if caption not in self._phrasings:
+            r = random.Random(caption)
+            self._phrasings[caption] = [self.rephrase(caption, r) for _ in range(self.PHRASINGS)]
+        return rng.choice(self._phrasings[caption])
+
+    def encode(self, texts: list[str], base_texts: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bridge's output for ``texts``; a residual bridge adds to the base encoder's reading of
+        ``base_texts`` (default: the same texts)."""
         with torch.set_grad_enabled(bool(self.lora_params) and torch.is_grad_enabled()):
-            states = enc.states(ids, mask)
-        return self.lb.bridge(states, mask), mask
+            states, mask = self.lb.encoder.read(texts, self.lb.spec.max_length)
+        base = self.base_condition(base_texts if base_texts is not None else texts) if self.lb.spec.residual else None
+        out = self.lb.bridge(states, mask, base)
+        return out, self.lb.bridge.tokens(states, mask)[1]
+
+    def base_condition(self, texts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return encode_prompts(self.pipe, texts).to(self.pipe.device)
 
     def validate(self) -> tuple[list, list[str]]:
         d = self.base.defaults
@@ -124,12 +143,31 @@ class _BridgeLearner(BesideTheBase):
         return images, [f"{p} (seed {s})" for p, s in pairs]
 
 
+# letters of scripts the base's tokenizer may not read (Latin with accents, Cyrillic, Greek, Arabic, CJK)
+_LETTERS = ("abcdefghijklmnopqrstuvwxyzáéíóúñçàèùâêôäöüß" "абвгдежзийклмнопрстуфхцчшщыэюя" "αβγδεζηθικλμνξοπρστυφχψω"
+            "ابتثجحخدذرزسشصضطظعغفقكلمنهوي" "一个红色的圆蓝绿黄紫橙方形三角左右上下中间")
+
+
+def unreadable(text: str, rng: random.Random) -> str:
+    """``text`` as the base encoder may see a prompt in a language it never learnt: most words become strings of
+    letters from other scripts, a few stay."""
+    words = [w if rng.random() < 0.25 else "".join(rng.choice(_LETTERS) for _ in range(rng.randint(2, 9)))
+             for w in text.split()]
+    return " ".join(words)
+
+
 class DistillLearner(_BridgeLearner):
     """Swap, stage 1: match the base text encoder's output for each caption from the extra encoder's reading of
-    the caption (or another phrasing of it). Captions only: no images, no UNet."""
+    the caption (or another phrasing of it). Captions only: no images, no UNet.
 
-    def __init__(self, *a, **k):
+    A residual bridge also reads the base encoder's output; for a share ``base_noise`` of the examples that output
+    is of nothing or of letters the base cannot read (as for a prompt in another language), so the bridge learns
+    to carry the meaning from the extra encoder alone, and elsewhere to leave what the base reads as it is.
+    """
+
+    def __init__(self, *a, base_noise: float = 0.5, **k):
         super().__init__(*a, **k)
+        self.base_noise = base_noise if self.lb.spec.residual else 0.0
         texts = sorted(set(self.captions) | {""})
         self.targets = dict(zip(texts, encode_prompts(self.pipe, texts)))
 
@@ -137,11 +175,17 @@ class DistillLearner(_BridgeLearner):
         rng = random.Random(seed)
         while True:
             caps = [rng.choice(self.captions) if rng.random() > 0.02 else "" for _ in range(batch_size)]
-            yield [self._text(rng, c) for c in caps], torch.stack([self.targets[c] for c in caps])
+            texts = [self._text(rng, c) for c in caps]
+            base_texts = []
+            for t in texts:
+                r = rng.random()
+                base_texts.append(t if r >= self.base_noise else "" if r < 0.2 * self.base_noise
+                                  else unreadable(t, rng))
+            yield texts, base_texts, torch.stack([self.targets[c] for c in caps])
 
     def loss(self, batch) -> torch.Tensor:
-        texts, target = batch
-        pred, _ = self.encode(texts)
+        texts, base_texts, target = batch
+        pred, _ = self.encode(texts, base_texts)
         return F.mse_loss(pred, target.to(pred.device))
 
 
@@ -150,14 +194,17 @@ class DiffusionLearner(_BridgeLearner):
 
     Fuse hides the caption from the base text encoder with probability ``base_dropout`` (and both encoders with
     ``uncond_dropout``), so the new path learns to carry the prompt on its own: words the base never learnt reach
-    the image only through it.
+    the image only through it. With ``keep_base``, wherever the base encoder does read the prompt the target is the
+    frozen base's own prediction for the caption (the adapters' prior, applied per example): the new path learns
+    to add nothing where the base already draws the caption, and to mend other phrasings towards it.
     """
 
     def __init__(self, *a, latents: torch.Tensor, latent_captions: list[str], base_dropout: float = 0.5,
-                 uncond_dropout: float = 0.1, **k):
+                 uncond_dropout: float = 0.1, keep_base: bool = True, **k):
         super().__init__(*a, **k)
         self.latents, self.latent_captions = latents, latent_captions
         self.base_dropout, self.uncond_dropout = base_dropout, uncond_dropout
+        self.keep_base = keep_base and self.lb.spec.mode == "fuse"
         self.objective = DenoisingObjective(self.pipe.scheduler.config)
         self.state_ = FuseState()
         self._stack = contextlib.ExitStack()
@@ -177,7 +224,7 @@ class DiffusionLearner(_BridgeLearner):
         fuse = self.lb.spec.mode == "fuse"
         while True:
             idx = [rng.randrange(len(self.latents)) for _ in range(batch_size)]
-            texts, base_texts = [], []
+            texts, base_texts, teach = [], [], []
             for i in idx:
                 t = self._text(rng, self.latent_captions[i])
                 r = rng.random()
@@ -186,26 +233,41 @@ class DiffusionLearner(_BridgeLearner):
                 else:
                     texts.append(t)
                     base_texts.append("" if fuse and r < self.uncond_dropout + self.base_dropout else t)
+                # the base's own prediction for the caption is the target where the base reads the prompt
+                teach.append(self.latent_captions[i] if self.keep_base and base_texts[-1] else None)
             yield {**noise_and_timesteps(self.latents[idx], self.objective.num_train_timesteps, g), "texts": texts,
-                   "base_texts": base_texts}
+                   "base_texts": base_texts, "teach": teach}
 
     def loss(self, batch) -> torch.Tensor:
         unet = self.pipe.unet
         dev, dtype = unet.device, unet.dtype
         latents, noise, t, noisy = self.objective.on_device(batch, dev)
         tokens, mask = self.encode(batch["texts"])
+        target = self.objective.target(latents, noise, t)
         if self.lb.spec.mode == "swap":
             cond = tokens.to(dtype)
         else:
-            ids = self.pipe.tokenizer(batch["base_texts"], padding="max_length", truncation=True,
-                                      max_length=self.pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-            with torch.no_grad():
-                cond = self.pipe.text_encoder(ids.to(dev))[0].to(dtype)
+            cond = self._base_condition(batch["base_texts"])
+            teach = [i for i, c in enumerate(batch.get("teach") or []) if c is not None]
+            if teach:  # the frozen base alone (scale 0 is its exact output) reading the caption
+                with torch.no_grad():
+                    self.state_.set(tokens[teach], mask[teach], scale=0.0)
+                    own = unet(noisy[teach].to(dtype), t[teach],
+                               self._base_condition([batch["teach"][i] for i in teach])).sample.float()
+                target = target.clone()
+                target[teach] = own
             # kept set after the forward: gradient checkpointing runs the processors again in the backward pass
             # (the next loss call replaces them; close() clears them)
             self.state_.set(tokens, mask)
         pred = unet(noisy.to(dtype), t, cond).sample.float()
-        return self.objective.loss(pred, self.objective.target(latents, noise, t))
+        return self.objective.loss(pred, target)
+
+    def _base_condition(self, texts: list[str]) -> torch.Tensor:
+        unet = self.pipe.unet
+        ids = self.pipe.tokenizer(texts, padding="max_length", truncation=True,
+                                  max_length=self.pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return self.pipe.text_encoder(ids.to(unet.device))[0].to(unet.dtype)
 
     def validate(self) -> tuple[list, list[str]]:
         with self._paused():
@@ -236,7 +298,10 @@ class TrainRequest:
     heads: int = 4
     lora_rank: int = 0
     diffusion_steps: int = 0  # swap: the optional second stage with the diffusion loss
-    base_dropout: float = 0.5  # fuse: how often the base text encoder sees an empty prompt
+    # how often the base text encoder sees an empty prompt (fuse), or nothing or unreadable letters (residual swap)
+    base_dropout: float = 0.5
+    residual: bool = True  # swap: correct the base's own condition (starts at it exactly) rather than replace it
+    keep_base: bool = True  # fuse: where the base encoder reads the prompt, the target is the base's own prediction
     paraphrase: bool = True  # also train on other phrasings of the captions, where the data has a way to make them
     resolution: int | None = None  # images' side in pixels for the diffusion loss (None: the base's default size)
     sample_prompts: list[str] = field(default_factory=list)
@@ -282,8 +347,9 @@ def make_learners(base, req: TrainRequest, out: str | Path, data: BridgeData | N
     data = data or read_captions(req.data)
     captions = data.captions
     enc_source = req.encoder or default_encoder(base)
-    encoder = TextEncoder(enc_source, base.pipe.device) if req.lora_rank else get_encoder(base, enc_source)
-    spec = new_spec(base, encoder, req.mode, req.max_length, req.width, req.layers, req.heads, req.lora_rank)
+    encoder = load_encoder(enc_source, base.pipe.device) if req.lora_rank else get_encoder(base, enc_source)
+    spec = new_spec(base, encoder, req.mode, req.max_length, req.width, req.layers, req.heads, req.lora_rank,
+                    req.residual)
     bridge = Bridge.create(spec, base.pipe.unet, seed=req.seed).to(base.pipe.device).train()
     lora = add_encoder_lora(encoder, req.lora_rank, req.seed) if req.lora_rank else []
     info = {"base": base.name, "data": req.data, "captions": len(captions), **(info or {})}
@@ -294,11 +360,11 @@ def make_learners(base, req: TrainRequest, out: str | Path, data: BridgeData | N
                   lora_params=lora)
     stages = []
     if req.mode == "swap":
-        stages.append(("distill", DistillLearner(**common)))
+        stages.append(("distill", DistillLearner(**common, base_noise=req.base_dropout)))
     if req.mode == "fuse" or req.diffusion_steps:
         lat, caps = _latents(base, req, data)
         stages.append(("diffuse", DiffusionLearner(**{**common, "captions": caps}, latents=lat, latent_captions=caps,
-                                                   base_dropout=req.base_dropout)))
+                                                   base_dropout=req.base_dropout, keep_base=req.keep_base)))
     return stages
 
 
