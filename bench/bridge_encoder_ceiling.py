@@ -12,7 +12,9 @@ colour x shape products below are the resulting ceiling for colour+shape accurac
 names, labelled by the nearest world colour in hue (clearly saturated ones only; none containing a development
 word). It asks whether more words to learn from would lift the ceiling.
 
-    python bench/bridge_encoder_ceiling.py [--encoder minilm] [--colour-names] [--json]
+    python bench/bridge_encoder_ceiling.py [--encoder minilm,use-multilingual,FOLDER] [--colour-names] [--json]
+
+Several encoders (comma-separated) print one JSON object each with --json, the last line holding them all.
 """
 from __future__ import annotations
 
@@ -26,15 +28,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import languages as L  # noqa: E402
 from bench.synonyms import DEV_COLOURS, DEV_SHAPES  # noqa: E402
-from hyperreal.methods.bridge import TextEncoder  # noqa: E402
+from hyperreal.methods.bridge.encoders import load_encoder  # noqa: E402
 from hyperreal.shapes.phrasing import TRAIN_COLOURS, TRAIN_SHAPES  # noqa: E402
 
 
 def pooled(enc, texts: list[str]) -> list[torch.Tensor]:
-    ids, m = enc.tokenize(texts, 32)
     with torch.no_grad():
-        states = enc.states(ids, m)
+        states, m = enc.read(texts, 32)  # a pooled encoder: one "layer" of one token
     mm = m[..., None].float()
     return [F.normalize((x.float() * mm).sum(1) / mm.sum(1), dim=-1) for x in states]
 
@@ -78,19 +80,27 @@ def colour_names(exclude: set[str]) -> dict[str, str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--encoder", default="minilm")
+    ap.add_argument("--encoder", default="minilm,use-multilingual")
     ap.add_argument("--colour-names", action="store_true", help="train the colour probe on named colours too")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    enc = TextEncoder(args.encoder)
-    out = {"encoder": args.encoder}
+    results = [ceiling(name, args.colour_names) for name in args.encoder.split(",") if name]
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else {"encoders": results}))
+    return 0
+
+
+def ceiling(name: str, with_colour_names: bool) -> dict:
+    print(f"== {name}")
+    enc = load_encoder(name)
+    out = {"encoder": name}
     best = {}
     for kind, train, dev, tmpl in (("colour", TRAIN_COLOURS, DEV_COLOURS, "a {} thing"),
                                    ("shape", TRAIN_SHAPES, DEV_SHAPES, "a {}")):
         classes = list(train)
         pairs = [(w, c) for c, syn in train.items() for w in (c,) + syn]
         dev_words = [w for syn in dev.values() for w in syn]
-        if kind == "colour" and args.colour_names:
+        if kind == "colour" and with_colour_names:
             extra = colour_names(set(dev_words))
             pairs += [(w, c) for w, c in extra.items() if w not in dict(pairs)]
             out["colour_names"] = len(extra)
@@ -110,13 +120,24 @@ def main() -> int:
             best[kind] = max(best.get(kind, 0.0), nearest / n, probed / n)
             print(f"{kind} layer {layer}: right for {nearest}/{n} development synonyms by nearest class, "
                   f"{probed}/{n} by a linear probe")
+            for lang in L.LANGUAGES:  # the same read-outs on each language's own words, bare
+                lw = L.words(lang, kind)
+                X = pooled(enc, [w for w, _ in lw])[layer]
+                y = torch.tensor([classes.index(c) for _, c in lw])
+                s_ = X @ E[layer].T
+                sc = torch.stack([s_[:, labels == k].topk(3, dim=1).values.mean(1) for k in range(len(classes))], 1)
+                right = max(int((sc.argmax(1) == y).sum()), int(((X @ w + b).argmax(1) == y).sum())) / len(lw)
+                key = f"{lang}_{kind}"
+                out[key] = max(out.get(key, 0.0), round(right, 3))
+    for lang in L.LANGUAGES:
+        out[f"{lang}_ceiling"] = round(out[f"{lang}_colour"] * out[f"{lang}_shape"], 3)
+    print("other languages' own words, colour x shape: "
+          + ", ".join(f"{lang} {100 * out[f'{lang}_ceiling']:.0f}%" for lang in L.LANGUAGES))
     out["best_colour"], out["best_shape"] = round(best["colour"], 3), round(best["shape"], 3)
     out["ceiling_colour_shape"] = round(best["colour"] * best["shape"], 3)
     print(f"best layer and read-out: colour {100 * best['colour']:.0f}%, shape {100 * best['shape']:.0f}% "
           f"-> colour+shape ceiling about {100 * out['ceiling_colour_shape']:.0f}% (if errors are independent)")
-    if args.json:
-        print(json.dumps(out))
-    return 0
+    return out
 
 
 if __name__ == "__main__":

@@ -124,6 +124,13 @@ def _en(o, t):
     return tmpl.format(a=article(first), c=c, s=s, p=p)
 
 
+def words(lang: str, kind: str) -> list[tuple[str, str]]:
+    """(word in ``lang``, canonical word) for its colours (``kind`` "colour") or shapes ("shape"), bare."""
+    table = {"es": _ES, "fr": _FR, "de": _DE, "ru": _RU, "ar": _AR, "zh": _ZH, "he": _HE}[lang]["c" if kind == "colour"
+                                                                                             else "s"]
+    return [(w if isinstance(w, str) else w[0], canonical) for canonical, w in table.items()]
+
+
 LANGUAGES = {"es": _es, "fr": _fr, "de": _de, "ru": _ru, "ar": _ar, "zh": _zh, "he": _he}
 NAMES = {"es": "Spanish", "fr": "French", "de": "German", "ru": "Russian", "ar": "Arabic", "zh": "Chinese",
          "he": "Hebrew", "en": "English (unseen words)"}

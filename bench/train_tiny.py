@@ -97,7 +97,7 @@ def base_json(defaults: dict) -> dict:
             "examples": ["a red circle", "a blue square on the left",
                          "a green triangle at the top and a yellow circle at the bottom",
                          "an orange square on the left and a purple circle on the right"],
-            "example_caption": "a sks star", "bridge_encoder": "minilm", "controlnets": [],
+            "example_caption": "a sks star", "bridge_encoder": "use-multilingual", "controlnets": [],
             # chosen on the star task (README: Adapters; bench/adapter_recipe.py)
             "adapter_train": {"steps": 2000, "batch_size": 8, "lr": 1e-3, "full_lr": 1e-4, "prior_weight": 15.0,
                               "class_images": 64, "sample_every": 50},

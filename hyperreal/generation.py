@@ -221,7 +221,11 @@ def run_job(base: BaseModel, job: GenerationJob) -> tuple[Image.Image, str]:
 
 def check_prompt_length(tokenizer, job: GenerationJob, where: str = "job") -> None:
     """A prompt longer than the text encoder reads would be cut without a word (and the PNG would still say the
-    whole text): refused instead, with how long it is."""
+    whole text): refused instead, with how long it is. Not with a bridge on: the extra encoder reads the prompt
+    (a prompt in another script costs the base's tokenizer several tokens a letter, and is what a multilingual
+    bridge is for), and the bridge corrects what the base's reading lacks."""
+    if job.bridge:
+        return
     limit = tokenizer.model_max_length - 2  # the start and end tokens take two places
     for field, text in (("prompt", job.prompt), ("negative prompt", job.negative_prompt)):
         n = len(tokenizer(text, add_special_tokens=False, truncation=False).input_ids) if text else 0

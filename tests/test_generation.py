@@ -75,3 +75,9 @@ def test_prompt_over_the_token_limit_is_refused(tiny):
     with pytest.raises(HyperrealError, match="tokens long; this model reads at most 30"):
         run_job(tiny, GenerationJob(" ".join(["a red circle on the left"] * 12), 1, steps=2))
     run_job(tiny, GenerationJob(" ".join(["a red circle"] * 8), 1, steps=2))  # 24 tokens: fine
+    # with a bridge on, the extra encoder reads the prompt: a Russian one costs the base's tokenizer 2 tokens a letter
+    russian = "фиолетовый круг слева"
+    with pytest.raises(HyperrealError, match="tokens long"):
+        run_job(tiny, GenerationJob(russian, 1, steps=2))
+    image, params = run_job(tiny, GenerationJob(russian, 1, steps=2, bridge={"path": "tiny-bridge", "scale": 1.0}))
+    assert image.size == (64, 64) and russian in params

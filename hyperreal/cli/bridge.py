@@ -18,8 +18,10 @@ def add_train(tsub) -> None:
     tb = tsub.add_parser("bridge", help="an extra text encoder joined by cross-attention (fuse) or translated into "
                          "the base's text space (swap)")
     common.add_base_arg(tb)
-    tb.add_argument("--encoder", help="hub id or local folder of a transformers encoder (BART, BERT, T5 encoder), or "
-                    "'minilm' (offline all-MiniLM-L6-v2); default: minilm on tiny, facebook/bart-base otherwise")
+    tb.add_argument("--encoder", help="hub id or local folder of a transformers encoder (BART, BERT, T5 encoder, "
+                    "XLM-R or multilingual E5 for prompts in other languages), 'use-multilingual' (offline Universal "
+                    "Sentence Encoder multilingual, 16 languages) or 'minilm' (offline all-MiniLM-L6-v2); default: "
+                    "the base's own (use-multilingual on tiny, facebook/bart-base otherwise)")
     tb.add_argument("--mode", default="fuse", help="fuse (decoupled cross-attention, gates from 0) | swap (a "
                     "translator distilled against the base text encoder, blended by the scale)")
     tb.add_argument("--data", required=True, help="captions .txt (swap), a dataset folder/.zip with captions "

@@ -7,11 +7,12 @@ import gradio as gr
 
 from .train_panel import build_train_panel
 
-WHAT = """**Frozen:** the whole base model *and* the extra encoder (BART on SD1.5; MiniLM on the tiny base).
-**Learns:** only the joint — in **fuse** mode new key/value projections in every cross-attention layer (copies
-of the layer's own) behind gates that start at 0; in **swap** mode a small bridge that maps the extra encoder's
-tokens into the base encoder's space, blended in by α. Gate 0 / α 0 is exactly the original model; the new
-encoder brings the words and phrasings the base never learned."""
+WHAT = """**Frozen:** the whole base model *and* the extra encoder (BART on SD1.5; the multilingual Universal
+Sentence Encoder on the tiny base). **Learns:** only the joint — in **fuse** mode new key/value projections in
+every cross-attention layer (copies of the layer's own) behind gates that start at 0; in **swap** mode a small
+bridge that corrects the base encoder's output from the extra encoder's reading, blended in by α. A fresh bridge
+is exactly the original model; the new encoder brings the words and languages the base never learned (the tiny
+bridge trained on English captions only, and reads Spanish, French, German, Russian and Chinese prompts)."""
 
 
 def build_bridge_tab(choices: Callable[[], list], start_training: Callable | None,

@@ -85,7 +85,7 @@ def test_training_moves_only_the_bridge_and_round_trips(base, tmp_path, mode):
     pipe = base.pipe
     enc = B.get_encoder(base, "minilm")
     frozen = digest(pipe.unet, pipe.vae, pipe.text_encoder, enc.model)
-    req = B.TrainRequest(data="shapes", mode=mode, max_length=16, width=64, layers=1,
+    req = B.TrainRequest(data="shapes", mode=mode, encoder="minilm", max_length=16, width=64, layers=1,
                          diffusion_steps=2 if mode == "swap" else 0, name=f"t_{mode}")
     cfg = training.TrainConfig(steps=3, batch_size=4, lr=1e-2, log_every=1)
     events = []
@@ -240,3 +240,20 @@ def test_cli_train_and_generate_jobs(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "bad.jsonl line 2" in r.stderr and "bridge" in r.stderr
     assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("*.png"))
+
+
+def test_eval_bridge_reports_each_language_beside_the_base():
+    """``eval bridge --json``: per split, English with unseen words and each language, base alone and each
+    bridge, the original captions, and the targets judged on held-out."""
+    r = run_cli("eval", "bridge", "--base", "tiny", "--bridge", "swap=tiny-bridge", "--synonym-prompts", 2,
+                "--language-prompts", 2, "--original-prompts", 2, "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    f = json.loads(r.stdout.strip().splitlines()[-1])
+    sets = {"en", "es", "fr", "de", "ru", "ar", "zh", "he"}
+    assert f["splits"] == ["dev", "held-out"] and f["judged_on"] == "held-out"
+    assert all(set(f["base_accuracy"][s]) == sets and set(f["modes"]["swap"]["accuracy"][s]) == sets
+               for s in f["splits"])
+    row = f["modes"]["swap"]
+    assert row["encoder"] == "use-multilingual" and row["mode"] == "swap" and row["train_seconds"] > 0
+    assert set(row["targets_met"]) == {"english_unseen_words>=0.75", "es>=0.60", "fr>=0.60", "de>=0.60",
+                                       "ru>=0.60", "original_within_2_points", "train_seconds<=1200"}

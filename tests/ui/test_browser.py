@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from hyperreal import services
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,6 +40,20 @@ def test_generate_in_a_browser(app_url, tmp_path):
             page.screenshot(path=str(shot), full_page=True)
             src = img.get_attribute("src")
             assert src and ".png" in src
+            # "Prompt in your language": an example in the bridge tab fills Generate's prompt and turns the bridge on
+            example = services.bridge_examples("tiny")[0]
+            page.get_by_role("tab", name="Encoder bridge").click()
+            page.get_by_text(example, exact=True).first.click()
+            page.get_by_role("tab", name="Generate").click()
+            box.wait_for(state="visible", timeout=30_000)
+            assert box.input_value() == example
+            page.locator("#generate-button").click()
+            info = page.get_by_label("Parameters of the selected image")
+            for _ in range(120):  # the new image's parameters name the bridge
+                if '"bridge"' in info.input_value() and example in info.input_value():
+                    break
+                page.wait_for_timeout(500)
+            assert '"bridge"' in info.input_value() and example in info.input_value(), info.input_value()
         finally:
             browser.close()
     assert not outside, f"the page asked for outside resources: {outside[:5]}"

