@@ -57,62 +57,69 @@ _HE = {"c": dict(zip(COLOURS, ("אדום", "ירוק", "כחול", "צהוב", "
        "p": {"left": "בצד שמאל", "right": "בצד ימין", "top": "למעלה", "bottom": "למטה", "center": "באמצע"}}
 
 
-def _sp(pos, words, lead=" "):
-    return f"{lead}{words['p'][pos]}" if pos else ""
+def _place(o, words: dict, front: str, alone: str) -> dict:
+    """Pieces every language shares: ``p`` the position after the object, ``lead`` the sentence opening that
+    puts it first (``front`` with ``{P}`` for the phrase), or ``alone`` without a position."""
+    phrase = words["p"][o.position] if o.position else ""
+    return {"p": f" {phrase}" if phrase else "", "lead": front.format(P=phrase, Cap=phrase.capitalize()) if phrase
+            else alone}
 
 
-def _es(o, t):
-    obj, p = f"un {_ES['s'][o.shape]} {_ES['c'][o.colour]}", _sp(o.position, _ES)
-    return [f"{obj}{p}", f"dibuja {obj}{p}", f"{_ES['s'][o.shape]} {_ES['c'][o.colour]}{p}"][t] if t < 3 else [
-        f"quiero {obj}{p}", f"una imagen con un {_ES['s'][o.shape]} de color {_ES['c'][o.colour]}{p}",
-        f"{_ES['p'][o.position].capitalize()} hay {obj}" if o.position else f"hay {obj}"][t - 3]
+def _es(o):
+    c, s = _ES["c"][o.colour], _ES["s"][o.shape]
+    return {"obj": f"un {s} {c}", "bare": f"{s} {c}", "of": f"un {s} de color {c}",
+            **_place(o, _ES, "{Cap} hay", "hay")}
 
 
-def _fr(o, t):
-    obj, p = f"un {_FR['s'][o.shape]} {_FR['c'][o.colour]}", _sp(o.position, _FR)
-    return [f"{obj}{p}", f"dessine {obj}{p}", f"{_FR['s'][o.shape]} {_FR['c'][o.colour]}{p}"][t] if t < 3 else [
-        f"je voudrais {obj}{p}", f"une image avec {obj}{p}",
-        f"{_FR['p'][o.position].capitalize()}, il y a {obj}" if o.position else f"il y a {obj}"][t - 3]
+def _fr(o):
+    c, s = _FR["c"][o.colour], _FR["s"][o.shape]
+    return {"obj": f"un {s} {c}", "bare": f"{s} {c}", **_place(o, _FR, "{Cap}, il y a", "il y a")}
 
 
-def _de(o, t):
+def _de(o):
     stem, (noun, g) = _DE["c"][o.colour], _DE["s"][o.shape]
-    nom = f"ein {stem}{'er' if g == 'm' else 'es'} {noun}"
-    acc = f"{'einen' if g == 'm' else 'ein'} {stem}{'en' if g == 'm' else 'es'} {noun}"
-    dat = f"einem {stem}en {noun}"
-    p = _sp(o.position, _DE)
-    return [f"{nom}{p}", f"zeichne {acc}{p}", f"{stem}{'er' if g == 'm' else 'es'} {noun}{p}"][t] if t < 3 else [
-        f"ich möchte {acc}{p}", f"ein Bild mit {dat}{p}",
-        f"{_DE['p'][o.position].capitalize()} ist {nom}" if o.position else f"da ist {nom}"][t - 3]
+    strong = f"{stem}{'er' if g == 'm' else 'es'} {noun}"  # the adjective's ending agrees with the noun's gender
+    return {"nom": f"ein {strong}", "bare": strong, "dat": f"einem {stem}en {noun}",
+            "acc": f"{'einen' if g == 'm' else 'ein'} {stem}{'en' if g == 'm' else 'es'} {noun}",
+            **_place(o, _DE, "{Cap} ist", "da ist")}
 
 
-def _ru(o, t):
-    obj, p = f"{_RU['c'][o.colour]} {_RU['s'][o.shape]}", _sp(o.position, _RU)
-    return [f"{obj}{p}", f"нарисуй {obj}{p}", f"один {obj}{p}"][t] if t < 3 else [
-        f"я хочу {obj}{p}", f"картинка, на которой {obj}{p}",
-        f"{_RU['p'][o.position].capitalize()} {obj}" if o.position else f"вот {obj}"][t - 3]
+def _ru(o):
+    return {"obj": f"{_RU['c'][o.colour]} {_RU['s'][o.shape]}", **_place(o, _RU, "{Cap}", "вот")}
 
 
-def _ar(o, t):
+def _ar(o):
     noun, fem = _AR["s"][o.shape]
-    obj, p = f"{noun} {_AR['c'][o.colour][fem]}", _sp(o.position, _AR)
-    return [f"{obj}{p}", f"ارسم {obj}{p}", f"{obj} واحد{'ة' if fem else ''}{p}"][t] if t < 3 else [
-        f"أريد {obj}{p}", f"صورة فيها {obj}{p}", f"{_AR['p'][o.position]} {obj}" if o.position else f"هنا {obj}"][t - 3]
+    return {"obj": f"{noun} {_AR['c'][o.colour][fem]}", "one": "واحدة" if fem else "واحد",
+            **_place(o, _AR, "{P}", "هنا")}
 
 
-def _zh(o, t):
-    c, s = _ZH["c"][o.colour], _ZH["s"][o.shape]
-    after = f"在{_ZH['p'][o.position]}" if o.position else ""
-    return [f"一个{c}的{s}{after}", f"画一个{c}的{s}{after}", f"{c}{s}{after}"][t] if t < 3 else [
-        f"我想要一个{c}{s}{after}", f"一张图片，{after}有一个{c}的{s}" if after else f"一张图片，有一个{c}的{s}",
-        f"{_ZH['p'][o.position]}有一个{c}的{s}" if o.position else f"这里有一个{c}的{s}"][t - 3]
+def _zh(o):
+    return {"c": _ZH["c"][o.colour], "s": _ZH["s"][o.shape],
+            "after": f"在{_ZH['p'][o.position]}" if o.position else "", **_place(o, _ZH, "{P}", "这里")}
 
 
-def _he(o, t):
-    obj, p = f"{_HE['s'][o.shape]} {_HE['c'][o.colour]}", _sp(o.position, _HE)
-    return [f"{obj}{p}", f"צייר {obj}{p}", f"{obj} אחד{p}"][t] if t < 3 else [
-        f"אני רוצה {obj}{p}", f"תמונה של {obj}{p}", f"{_HE['p'][o.position]} יש {obj}" if o.position else
-        f"יש {obj}"][t - 3]
+def _he(o):
+    return {"obj": f"{_HE['s'][o.shape]} {_HE['c'][o.colour]}", **_place(o, _HE, "{P} יש", "יש")}
+
+
+# language -> (the object's pieces, six templates: 0-2 the development split's, 3-5 the held-out split's)
+WRITERS = {
+    "es": (_es, ("{obj}{p}", "dibuja {obj}{p}", "{bare}{p}",
+                 "quiero {obj}{p}", "una imagen con {of}{p}", "{lead} {obj}")),
+    "fr": (_fr, ("{obj}{p}", "dessine {obj}{p}", "{bare}{p}",
+                 "je voudrais {obj}{p}", "une image avec {obj}{p}", "{lead} {obj}")),
+    "de": (_de, ("{nom}{p}", "zeichne {acc}{p}", "{bare}{p}",
+                 "ich möchte {acc}{p}", "ein Bild mit {dat}{p}", "{lead} {nom}")),
+    "ru": (_ru, ("{obj}{p}", "нарисуй {obj}{p}", "один {obj}{p}",
+                 "я хочу {obj}{p}", "картинка, на которой {obj}{p}", "{lead} {obj}")),
+    "ar": (_ar, ("{obj}{p}", "ارسم {obj}{p}", "{obj} {one}{p}",
+                 "أريد {obj}{p}", "صورة فيها {obj}{p}", "{lead} {obj}")),
+    "zh": (_zh, ("一个{c}的{s}{after}", "画一个{c}的{s}{after}", "{c}{s}{after}",
+                 "我想要一个{c}{s}{after}", "一张图片，{after}有一个{c}的{s}", "{lead}有一个{c}的{s}")),
+    "he": (_he, ("{obj}{p}", "צייר {obj}{p}", "{obj} אחד{p}",
+                 "אני רוצה {obj}{p}", "תמונה של {obj}{p}", "{lead} {obj}")),
+}
 
 
 def _en(o, t):
@@ -131,7 +138,7 @@ def words(lang: str, kind: str) -> list[tuple[str, str]]:
     return [(w if isinstance(w, str) else w[0], canonical) for canonical, w in table.items()]
 
 
-LANGUAGES = {"es": _es, "fr": _fr, "de": _de, "ru": _ru, "ar": _ar, "zh": _zh, "he": _he}
+LANGUAGES = tuple(WRITERS)
 NAMES = {"es": "Spanish", "fr": "French", "de": "German", "ru": "Russian", "ar": "Arabic", "zh": "Chinese",
          "he": "Hebrew", "en": "English (unseen words)"}
 
@@ -142,7 +149,7 @@ def language_prompts(lang: str, split: str, n: int = 32) -> list[tuple[str, list
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
     rng = random.Random(f"{lang}|{split}")
-    write = _en if lang == "en" else LANGUAGES[lang]
+    write = _en if lang == "en" else (lambda o, t: WRITERS[lang][1][t].format(**WRITERS[lang][0](o)))
     first = 0 if split == "dev" else 3
     out = []
     for i in range(n):

@@ -139,14 +139,19 @@ class Bridge(nn.Module):
         w = torch.softmax(self.mix_logits, 0)
         return sum(w[i] * F.layer_norm(s.float(), s.shape[-1:]) for i, s in enumerate(states))
 
+    def token_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The mask of the tokens the bridge reads: a pooled vector's projected tokens are all real."""
+        if not self.spec.pooled_tokens:
+            return mask
+        return torch.ones(mask.shape[0], self.spec.pooled_tokens, dtype=mask.dtype, device=mask.device)
+
     def tokens(self, states: list[torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The extra encoder's reading as tokens and their mask (a pooled vector projected to a few tokens)."""
         x = self.mix(states)
         if self.spec.pooled_tokens:
             n, k = x.shape[0], self.spec.pooled_tokens
             x = F.layer_norm(self.expand(x[:, 0]).view(n, k, -1), (self.spec.encoder_width,))
-            mask = torch.ones(n, k, dtype=mask.dtype, device=mask.device)
-        return x, mask
+        return x, self.token_mask(mask)
 
     def forward(self, states: list[torch.Tensor], mask: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         """Swap: the condition for the UNet (a residual bridge needs ``base``, the base encoder's output for the same
@@ -184,10 +189,7 @@ class LoadedBridge:
         """The bridge's output for ``texts`` (``base``: the base encoder's output for them, for a residual bridge)
         and the mask of the extra tokens."""
         states, mask = self.encoder.read(texts, self.spec.max_length)
-        out = self.bridge(states, mask, base)
-        if self.spec.pooled_tokens:
-            mask = torch.ones(mask.shape[0], self.spec.pooled_tokens, dtype=mask.dtype, device=mask.device)
-        return out, mask
+        return self.bridge(states, mask, base), self.bridge.token_mask(mask)
 
 
 POOLED_TOKENS = 4  # tokens a pooled vector is projected to (IP-Adapter uses 4 for an image embedding)

@@ -72,6 +72,7 @@ class _BridgeLearner(BesideTheBase):
         self.sample_prompts, self.info = sample_prompts, info
         self.lora_params = lora_params or []
         self.steps_done = 0
+        self._phrasings: dict[str, list[str]] = {}  # caption -> its fixed phrasings (pooled encoders)
 
     method = "bridge"  # its VRAM presets (training.memory)
 
@@ -111,8 +112,6 @@ class _BridgeLearner(BesideTheBase):
             return caption
         if not self.lb.encoder.pooled:
             return self.rephrase(caption, rng)
-        if not hasattr(self, "_phrasings"):
-            self._phrasings: dict[str, list[str]] = {}
         if caption not in self._phrasings:
             r = random.Random(caption)
             self._phrasings[caption] = [self.rephrase(caption, r) for _ in range(self.PHRASINGS)]
@@ -124,8 +123,7 @@ class _BridgeLearner(BesideTheBase):
         with torch.set_grad_enabled(bool(self.lora_params) and torch.is_grad_enabled()):
             states, mask = self.lb.encoder.read(texts, self.lb.spec.max_length)
         base = self.base_condition(base_texts if base_texts is not None else texts) if self.lb.spec.residual else None
-        out = self.lb.bridge(states, mask, base)
-        return out, self.lb.bridge.tokens(states, mask)[1]
+        return self.lb.bridge(states, mask, base), self.lb.bridge.token_mask(mask)
 
     def base_condition(self, texts: list[str]) -> torch.Tensor:
         with torch.no_grad():
