@@ -22,8 +22,9 @@ def add_train(tsub) -> None:
                     "XLM-R or multilingual E5 for prompts in other languages), 'use-multilingual' (offline Universal "
                     "Sentence Encoder multilingual, 16 languages) or 'minilm' (offline all-MiniLM-L6-v2); default: "
                     "the base's own (use-multilingual on tiny, facebook/bart-base otherwise)")
-    tb.add_argument("--mode", default="fuse", help="fuse (decoupled cross-attention, gates from 0) | swap (a "
-                    "translator distilled against the base text encoder, blended by the scale)")
+    tb.add_argument("--mode", default="swap", help="swap (the default: a residual translator distilled against the "
+                    "base text encoder from captions alone, blended by the scale) | fuse (decoupled cross-attention, "
+                    "gates from 0; needs images)")
     tb.add_argument("--data", required=True, help="captions .txt (swap), a dataset folder/.zip with captions "
                     "(images needed for fuse and --diffusion-steps), or 'shapes' (the tiny base's world)")
     tb.add_argument("--out", required=True, help="output folder (NAME.safetensors, checkpoints, summary.json)")

@@ -49,25 +49,25 @@ def build_bridge_tab(choices: Callable[[], list], start_training: Callable | Non
 def bridge_train_knobs(settings: Callable[[str], dict], shapes_world: bool) -> dict:
     """The bridge Train panel's knobs; ``settings(mode)`` is the base's recipe (steps, batch_size, lr,
     sample_every)."""
-    fuse = settings("fuse")
+    swap = settings("swap")  # the default mode: it reads new words and keeps the base best (README: Encoder bridge)
     sources = [("The uploaded captioned images above", "uploaded"), ("Captions typed below (swap mode)", "captions")]
     if shapes_world:
         sources.insert(0, ("The shapes world's captions (tiny base)", "shapes"))
     with gr.Row():
         mode = gr.Radio([("fuse: gated cross-attention", "fuse"), ("swap: bridge into the base encoder's space",
-                                                                       "swap")], value="fuse", label="Mode")
+                                                                       "swap")], value="swap", label="Mode")
         source = gr.Dropdown(sources, value=sources[0][1], label="Training data")
         encoder = gr.Textbox(label="Extra encoder (hub id or folder; empty: the base's default)", value="")
         name = gr.Textbox(label="Name", value="my_bridge")
     captions = gr.Textbox(label="Captions, one per line", lines=4, visible=False)
     with gr.Row():
-        steps = gr.Slider(10, 5000, value=fuse["steps"], step=10, label="Steps")
-        batch = gr.Slider(1, 256, value=fuse["batch_size"], step=1, label="Batch size")
-        lr = gr.Number(label="Learning rate", value=fuse["lr"])
+        steps = gr.Slider(10, 5000, value=swap["steps"], step=10, label="Steps")
+        batch = gr.Slider(1, 256, value=swap["batch_size"], step=1, label="Batch size")
+        lr = gr.Number(label="Learning rate", value=swap["lr"])
         lora = gr.Slider(0, 64, value=0, step=1, label="LoRA rank on the extra encoder (0: off)")
         diffusion = gr.Slider(0, 2000, value=0, step=10, label="swap: diffusion-loss steps after distillation",
-                              visible=False)
-        sample_every = gr.Slider(0, 1000, value=fuse["sample_every"], step=10,
+                              visible=True)
+        sample_every = gr.Slider(0, 1000, value=swap["sample_every"], step=10,
                                  label="Samples every N steps (0: end only)")
 
     def mode_changed(m):

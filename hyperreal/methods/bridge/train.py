@@ -288,7 +288,7 @@ class DiffusionLearner(_BridgeLearner):
 @dataclass
 class TrainRequest:
     data: str  # what it trains on, as given (a captions .txt, a dataset folder/.zip, or a named dataset)
-    mode: str = "fuse"
+    mode: str = "swap"  # measured better at reading new words and keeping the base (README: Encoder bridge)
     encoder: str | None = None  # default: the base's own choice (its defaults' bridge_encoder), else BART
     max_length: int | None = None  # extra encoder tokens (default: the base tokenizer's length)
     width: int = 256
