@@ -49,6 +49,8 @@ def add_train(tsub) -> None:
     ta.add_argument("--prior-target", choices=("base", "noise"), default="base",
                     help="class images' target: the frozen base's own prediction (base: exactly 'leave these prompts "
                          "alone') or the added noise (noise: classic DreamBooth)")
+    ta.add_argument("--snr-gamma", type=float, help="min-SNR-gamma loss weighting, e.g. 5 (default: the base's "
+                    "recipe; 0: off)")
     ta.add_argument("--repeats", type=int, help="instance images per epoch (kohya's repeats; default: about as "
                     "many instance as class images per epoch, 1 without class images)")
     ta.add_argument("--flip", action="store_true", help="random horizontal flips")
@@ -79,7 +81,7 @@ def train(args) -> int:
         rslora=args.rslora, train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
         trigger=args.trigger, trigger_token=args.trigger_token, class_prompts=args.class_prompt or [],
         class_images=args.class_images, prior_weight=args.prior_weight, prior_target=args.prior_target,
-        repeats=args.repeats, flip=args.flip, caption_dropout=args.caption_dropout,
+        snr_gamma=args.snr_gamma, repeats=args.repeats, flip=args.flip, caption_dropout=args.caption_dropout,
         sample_prompts=args.sample_prompt or [], resolution=args.resolution, name=args.name, seed=args.seed)
     return common.run_training(args, req, services.check_adapter_request, services.train_adapter, "adapter",
                                args.kind, drift_samples=args.drift_samples)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 
 from ..errors import HyperrealError
 
@@ -41,6 +42,15 @@ class DenoisingObjective:
         if self.prediction_type == "v_prediction":
             return self.scheduler.get_velocity(latents, noise, t)
         return latents if self.prediction_type == "sample" else noise
+
+    def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weights per example (Hang et al. 2023; diffusers' ``--snr_gamma``, kohya's
+        ``min_snr_gamma``), in the parameterisation this objective trains."""
+        snr = compute_snr(self.scheduler, t)
+        clipped = torch.clamp(snr, max=gamma)
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped / snr if self.prediction_type == "epsilon" else clipped
 
     @staticmethod
     def loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -492,7 +492,7 @@ def test_cli_train_adapter_writes_its_files(tmp_path, stars):
     out = tmp_path / "out"
     r = run_cli("train", "adapter", "--base", "tiny", "--data", stars, "--out", out, "--steps", 4, "--batch-size", 2,
                 "--rank", 4, "--preset", "kohya-like", "--trigger", "sks", "--sample-every", 2,
-                "--drift-samples", 2, "--log-every", 2, "--class-images", 8, "--json")
+                "--drift-samples", 2, "--log-every", 2, "--class-images", 8, "--snr-gamma", 5, "--json")
     assert r.returncode == 0, r.stderr
     # prior preservation from the captions without the trigger, balanced by repeats; kohya's header records both
     assert "+ 8 class images (repeats 2)" in r.stdout
@@ -501,6 +501,7 @@ def test_cli_train_adapter_writes_its_files(tmp_path, stars):
     with safe_open(str(out / "adapter.safetensors"), "pt") as f:
         meta = f.metadata()
     assert (meta["ss_num_reg_images"], meta["ss_num_repeats"], meta["ss_prior_loss_weight"]) == ("8", "2", "15.0")
+    assert meta["ss_min_snr_gamma"] == "5.0"
     figures = json.loads(r.stdout.strip().splitlines()[-1])
     assert figures["kind"] == "lora" and figures["scale"] == pytest.approx(0.25) and figures["drift"] >= 0
     assert (out / "adapter.safetensors").is_file() and (out / "diffusers" / "pytorch_lora_weights.safetensors").is_file()

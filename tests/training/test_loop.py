@@ -114,6 +114,22 @@ def test_denoising_target_matches_the_prediction_type(kind):
     assert obj.num_train_timesteps == 1000
 
 
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_clip_the_easy_timesteps(kind):
+    """Min-SNR-gamma: the loss on a timestep counts as if its signal-to-noise ratio were at most gamma, in the
+    parameterisation trained (Hang et al. 2023, as diffusers' --snr_gamma and kohya's min_snr_gamma)."""
+    obj = DenoisingObjective({"num_train_timesteps": 1000, "prediction_type": kind})
+    t = torch.tensor([0, 100, 500, 999])
+    ac = obj.scheduler.alphas_cumprod[t].double()
+    snr = ac / (1 - ac)
+    clipped = snr.clamp(max=5.0)
+    want = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[kind]
+    torch.testing.assert_close(obj.min_snr_weights(t, 5.0).double(), want, rtol=1e-4, atol=1e-6)
+    if kind == "epsilon":  # noisy timesteps keep their full weight, nearly clean ones lose most of it
+        w = obj.min_snr_weights(t, 5.0)
+        assert w[-1] == 1.0 and w[0] < 0.01
+
+
 def test_unknown_prediction_type_is_refused_before_training():
     with pytest.raises(HyperrealError, match="predicts 'flow'.*epsilon, v_prediction, sample"):
         DenoisingObjective({"prediction_type": "flow"})

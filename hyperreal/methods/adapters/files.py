@@ -137,6 +137,7 @@ def _header(spec: AdapterSpec, info: dict, configs: dict) -> dict[str, str]:
         "ss_num_reg_images": str(info.get("class_images", "")),
         "ss_prior_loss_weight": str(info.get("prior_weight", "")),
         "ss_num_repeats": str(info.get("repeats", "")),
+        "ss_min_snr_gamma": str(info.get("snr_gamma") or ""),  # kohya's key; empty when it was off
         "ss_training_comment": f"hyperreal {spec.describe()}; trigger: {info.get('trigger') or '(none)'}",
         "hyperreal_kind": spec.kind,
         "hyperreal_spec": json.dumps(asdict(spec)),

@@ -63,6 +63,7 @@ class TrainRequest:
     caption_dropout: float = 0.0
     prior_uncond: float = 0.2  # share of class images trained with the empty prompt (anchors guidance)
     prior_target: str = "base"  # class images' target: the frozen base's own prediction, or "noise" (DreamBooth)
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting; None: the base's recipe (0: off)
     sample_prompts: list[str] = field(default_factory=list)
     resolution: int | None = None  # training images' side in pixels (None: the base's default size)
     name: str = "adapter"
@@ -121,16 +122,19 @@ def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = N
                                                           base.defaults.get("prior_prompts") else "")
                      + f" (cached for this base in {folder})")
     repeats = req.repeats if req.repeats is not None else balanced_repeats(len(instances), len(classes))
-    prior_weight = base.defaults["adapter_train"]["prior_weight"] if req.prior_weight is None else req.prior_weight
+    recipe = base.defaults["adapter_train"]
+    prior_weight = recipe["prior_weight"] if req.prior_weight is None else req.prior_weight
+    snr_gamma = recipe.get("snr_gamma", 0.0) if req.snr_gamma is None else req.snr_gamma
     tokens = initial_token_vectors(base.pipe, words)
     if tokens:  # in the tokenizer before the captions are tokenized
         set_tokens(base.pipe, {w: (name, v) for w, v in tokens.items()})
     sample = dict(sample_prompts=req.sample_prompts or None, sample_steps=steps, sample_guidance=guidance,
                   sample_seed=req.seed, sample_size=(base.defaults["width"], base.defaults["height"]),
-                  prior_target=req.prior_target)
+                  prior_target=req.prior_target, snr_gamma=snr_gamma or None)
     info = {"base": base.name, "trigger": req.trigger, "images": len(instances), "class_images": len(classes),
             "notes": notes, "class_folder": str(folder) if folder else None,
             "repeats": repeats, "prior_weight": prior_weight if classes else 0.0,
+            "snr_gamma": snr_gamma or None,
             "resolution": f"{size[0]}x{size[1]}", "file_name": name,
             "trigger_tokens": words, **(info or {})}
     try:
@@ -242,7 +246,11 @@ class _DiffusionLearner(BesideTheBase):
 
     def __init__(self, pipe, data: DreamBoothData, sample_prompts: list[str] | None = None,
                  sample_steps: int = 20, sample_guidance: float = 5.0, sample_seed: int = 0,
-                 sample_size: tuple[int, int] | None = None, prior_target: str = "base"):
+                 sample_size: tuple[int, int] | None = None, prior_target: str = "base",
+                 snr_gamma: float | None = None):
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise HyperrealError(f"--snr-gamma must be above 0 (5 is the usual value; 0 turns it off), got {snr_gamma}")
+        self.snr_gamma = snr_gamma
         if prior_target not in PRIOR_TARGETS:
             raise HyperrealError(f"prior target must be one of {', '.join(PRIOR_TARGETS)}, got {prior_target!r}")
         self.pipe, self.data, self.prior_target = pipe, data, prior_target
@@ -282,7 +290,10 @@ class _DiffusionLearner(BesideTheBase):
                 base_pred = self.pipe.unet(noisy[sel].to(base_dtype), t[sel], base_cond.to(base_dtype)).sample.float()
             target = target.clone()
             target[sel] = base_pred
-        return self.objective.loss(pred, target, batch["weights"])
+        weights = batch["weights"].to(dev)
+        if self.snr_gamma:
+            weights = weights * self.objective.min_snr_weights(t, self.snr_gamma)
+        return self.objective.loss(pred, target, weights)
 
     def validate(self) -> tuple[list, list[str]]:
         """Fixed seeds through the inference pipeline and scheduler, so samples match what generation gives."""
