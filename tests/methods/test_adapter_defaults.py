@@ -51,6 +51,8 @@ def test_defaults_find_the_trigger_and_guard_what_the_base_draws(base, stars, tm
     learner = A.make_learner(base, A.TrainRequest(data=str(stars), name="d"), tmp_path / "a")
     info = learner.info
     assert info["trigger"] == "sks" and info["trigger_tokens"] == ["sks"] and info["class_images"] == 4
+    # the loss weighting is the base's recipe too (min-SNR-gamma 5 on tiny); 0 asked for turns it off
+    assert learner.snr_gamma == info["snr_gamma"] == base.defaults["adapter_train"]["snr_gamma"] == 5.0
     assert any("trigger: 'sks'" in n for n in info["notes"])
     assert any("prior preservation: 4 images" in n and "known to draw well" in n for n in info["notes"])
     folder = Path(info["class_folder"])
@@ -60,7 +62,8 @@ def test_defaults_find_the_trigger_and_guard_what_the_base_draws(base, stars, tm
     assert not any("sks" in r["text"] or "star" in r["text"] for r in rows)
     stamp = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     # a second run, elsewhere: the same folder, not generated again
-    again = A.make_learner(base, A.TrainRequest(data=str(stars), name="d2"), tmp_path / "b")
+    again = A.make_learner(base, A.TrainRequest(data=str(stars), name="d2", snr_gamma=0), tmp_path / "b")
+    assert again.snr_gamma is None and again.info["snr_gamma"] is None
     assert again.info["class_folder"] == str(folder)
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
     assert not list(folder.parent.glob("*.part*"))
