@@ -64,6 +64,8 @@ def test_defaults_find_the_trigger_and_guard_what_the_base_draws(base, stars, tm
     # a second run, elsewhere: the same folder, not generated again
     again = A.make_learner(base, A.TrainRequest(data=str(stars), name="d2", snr_gamma=0), tmp_path / "b")
     assert again.snr_gamma is None and again.info["snr_gamma"] is None
+    with pytest.raises(HyperrealError, match="--snr-gamma must be above 0"):
+        A.make_learner(base, A.TrainRequest(data=str(stars), name="d4", snr_gamma=-1), tmp_path / "d")
     assert again.info["class_folder"] == str(folder)
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
     assert not list(folder.parent.glob("*.part*"))

@@ -88,6 +88,8 @@ def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = N
     check_resolution(req.resolution)
     if req.text_encoder_lr is not None and not 0 < req.text_encoder_lr < 1:
         raise HyperrealError(f"--text-encoder-lr must be between 0 and 1, got {req.text_encoder_lr}")
+    if req.snr_gamma is not None and req.snr_gamma < 0:  # before any class image is drawn
+        raise HyperrealError(f"--snr-gamma must be above 0 (5 is the usual value; 0 turns it off), got {req.snr_gamma}")
     notes = []  # what the defaults decided, said to the person when training starts
     if req.trigger is None:
         found = find_trigger([t for _, t in instance_examples(req.data, None)], base.pipe.tokenizer,
@@ -248,9 +250,7 @@ class _DiffusionLearner(BesideTheBase):
                  sample_steps: int = 20, sample_guidance: float = 5.0, sample_seed: int = 0,
                  sample_size: tuple[int, int] | None = None, prior_target: str = "base",
                  snr_gamma: float | None = None):
-        if snr_gamma is not None and not snr_gamma > 0:
-            raise HyperrealError(f"--snr-gamma must be above 0 (5 is the usual value; 0 turns it off), got {snr_gamma}")
-        self.snr_gamma = snr_gamma
+        self.snr_gamma = snr_gamma  # None: plain weights (make_learner checked the value)
         if prior_target not in PRIOR_TARGETS:
             raise HyperrealError(f"prior target must be one of {', '.join(PRIOR_TARGETS)}, got {prior_target!r}")
         self.pipe, self.data, self.prior_target = pipe, data, prior_target
