@@ -1,6 +1,6 @@
 """Try adapter training recipes on the star task, quickly (16 star prompts, 16 prompts without the trigger).
 
-Each argument is one variant as JSON: ``steps``, ``lr`` and ``bs`` (batch; default: the recipe), and any
+Each argument is one variant as JSON: ``steps``, ``lr``, ``bs`` (batch), ``lr_schedule`` (default: the recipe), any
 ``hyperreal.methods.adapters.TrainRequest`` field (``kind``, ``rank``, ``prior_weight``, ``train_text_encoder``, ``class_images`` …).
 ``--prompts N`` measures on N star prompts and N without the trigger (default 16; ``eval adapter`` uses 32).
 Everything a variant does not name is the default a newcomer gets; the dev split only (bench/star.py SPLITS).
@@ -43,8 +43,9 @@ def main(argv: list[str]) -> int:
         base = load_base("tiny")  # a fresh base per variant
         recipe = base.defaults["adapter_train"]
         steps, lr, bs = v.pop("steps", recipe["steps"]), v.pop("lr", recipe["lr"]), v.pop("bs", recipe["batch_size"])
+        schedule = v.pop("lr_schedule", recipe.get("lr_schedule", "constant"))
         req = A.TrainRequest(data=str(data), name="recipe", **v)  # the defaults, but for what the variant says
-        cfg = training.TrainConfig(steps=steps, batch_size=bs, lr=lr, log_every=steps)
+        cfg = training.TrainConfig(steps=steps, batch_size=bs, lr=lr, log_every=steps, lr_schedule=schedule)
         r = S.star_trial(base, req, cfg, work / f"run{i}", star_pairs, plain, base_plain)
         print(json.dumps({"variant": shown, "star_colour": r["star_colour_rate"], "star": r["star_rate"],
                           "drift": round(r["drift"], 2), "acc": r["colour_shape_accuracy"], "base_acc": base_acc,

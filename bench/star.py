@@ -154,6 +154,7 @@ def star_benchmark(kinds: list[str], work: str | Path, splits=("dev", "held-out"
             req = TrainRequest(data=str(data), kind=kind, name=f"star_{kind}")  # the defaults, nothing else
             cfg = training.TrainConfig(steps=steps or recipe["steps"], batch_size=batch_size or recipe["batch_size"],
                                        lr=recipe["full_lr"] if kind == "full" else recipe["lr"],
+                                       lr_schedule=recipe.get("lr_schedule", "constant"),
                                        log_every=max((steps or recipe["steps"]) // 4, 1))
             # a fresh base per kind: nothing carries over between runs
             row = star_trial(load_base(base_name, vae=vae), req, cfg, work / split / kind, star_pairs, plain_pairs,

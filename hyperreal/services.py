@@ -72,6 +72,7 @@ def train_settings(base: BaseModel, method: str, variant: str | None = None, vra
     recipe = base.defaults[f"{method}_train"]
     out = dict(recipe[variant or "fuse"]) if method == "bridge" else dict(recipe)
     out["sample_every"] = recipe["sample_every"]
+    out.setdefault("lr_schedule", recipe.get("lr_schedule", "constant"))
     if method == "adapter" and variant == "full":
         out["lr"] = recipe["full_lr"]
     tier, preset = memory.preset(method, vram, base.device)

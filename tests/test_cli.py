@@ -82,7 +82,8 @@ def test_zero_learning_rate_or_batch_is_refused_not_replaced(tmp_path):
     data = star_folder(tmp_path)
     for flag, value, words in (("--lr", "0", "learning rate (--lr) must be above 0"),
                                ("--batch-size", "0", "batch size (--batch-size) must be at least 1"),
-                               ("--steps", "0", "(--steps) must be at least 1")):
+                               ("--steps", "0", "(--steps) must be at least 1"),
+                               ("--lr-schedule", "cosin", "--lr-schedule must be one of constant, cosine, linear")):
         out = tmp_path / f"out{flag}"
         r = run_cli("train", "adapter", "--base", "tiny", "--data", data, "--out", out, "--steps", "2", flag, value)
         assert r.returncode == 2, (flag, r.stderr)

@@ -91,6 +91,8 @@ def add_loop_args(p, lr_help: str = "") -> None:
                    "| bf16")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    p.add_argument("--lr-schedule", help="constant | cosine | linear: the learning rate after the warm-up (cosine and "
+                   "linear end at 0 on the last step; default: the base's recipe)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
     p.add_argument("--sample-every", type=int, default=0, help="fixed-seed samples every N steps (0: at the end)")
     p.add_argument("--log-every", type=int, default=25)
@@ -108,6 +110,7 @@ def train_config(args, settings: dict | None = None) -> TrainConfig:
     v = {k: fallback[k] if x is None else x for k, x in chosen.items()}
     cfg = TrainConfig(steps=v["steps"], batch_size=v["batch_size"], lr=v["lr"], grad_accum=args.grad_accum,
                       mixed_precision=args.mixed_precision, warmup=args.warmup, use_8bit_adam=v["use_8bit_adam"],
+                      lr_schedule=args.lr_schedule or (settings or {}).get("lr_schedule", "constant"),
                       gradient_checkpointing=v["gradient_checkpointing"], checkpoint_every=args.checkpoint_every,
                       validate_every=args.sample_every, log_every=max(1, min(args.log_every, v["steps"])),
                       seed=args.seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import shutil
 import threading
@@ -26,6 +27,23 @@ from ..errors import HyperrealError
 from . import memory
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_factor(cfg: "TrainConfig", step: int) -> float:
+    """The learning rate's multiplier at ``step``: linear warm-up from 1/warmup, then the schedule.
+
+    diffusers' get_scheduler has these shapes, but its warm-up starts at 0 (a wasted first step) and this one
+    starts at 1/warmup, as checkpoints written before the schedules existed resume with.
+    """
+    if cfg.warmup and step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    done = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * done)) if cfg.lr_schedule == "cosine" else 1.0 - done
+
+
 @dataclass
 class TrainConfig:
     steps: int = 500
@@ -34,6 +52,7 @@ class TrainConfig:
     grad_accum: int = 1
     mixed_precision: str = "auto"  # auto (the frozen base's half dtype, or none on fp32) | no | fp16 | bf16
     warmup: int = 0
+    lr_schedule: str = "constant"  # after the warm-up: constant | cosine | linear (both reach 0 after the last step)
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     use_8bit_adam: bool = False
@@ -50,6 +69,8 @@ class TrainConfig:
                 raise HyperrealError(f"{what} (--{k.replace('_', '-')}) must be at least 1, got {getattr(self, k)}")
         if not 0 < self.lr < 1:
             raise HyperrealError(f"the learning rate (--lr) must be above 0 and below 1 (e.g. 1e-4), got {self.lr:g}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise HyperrealError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise HyperrealError(f"--mixed-precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
 
@@ -234,8 +255,7 @@ def _train(learner: Trainable, cfg: TrainConfig, out: Path, emit, cancel: Cancel
     acc = accelerator(precision, device)
     # the optimizer is built only now, after the method has created its new modules (a PEFT pitfall)
     opt, optimizer_name = _optimizer(params, cfg, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     opt, sched = acc.prepare(opt, sched)
     start, losses, before = 0, [], 0.0
     if resume and (ck := latest_checkpoint(out)) is not None:

@@ -21,15 +21,16 @@ from .bases import holding
 from .library import Library
 
 
-def loop_config(knobs: dict, lr: float) -> TrainConfig:
-    """The shared loop's settings from a Train panel's knobs (steps, batch size, samples every N steps, memory)."""
+def loop_config(knobs: dict, lr: float, lr_schedule: str = "constant") -> TrainConfig:
+    """The shared loop's settings from a Train panel's knobs (steps, batch size, samples every N steps, memory) and
+    the recipe's learning-rate schedule."""
     steps = int(knobs["steps"])
     if lr is None:
         raise HyperrealError("Set a learning rate (the field is empty).")
     cfg = TrainConfig(steps=steps, batch_size=int(knobs["batch_size"]), lr=float(lr),
                       validate_every=int(knobs.get("sample_every") or 0), log_every=max(1, min(10, steps)),
                       gradient_checkpointing=bool(knobs.get("gradient_checkpointing")),
-                      use_8bit_adam=bool(knobs.get("use_8bit_adam")))
+                      use_8bit_adam=bool(knobs.get("use_8bit_adam")), lr_schedule=lr_schedule)
     cfg.check()
     return cfg
 
@@ -73,8 +74,8 @@ def adapter_trainer(current, library: Library):
             name=knobs.get("name") or f"{kind}_adapter")
         out = library.folder("adapter", req.name)
         req = services.check_adapter_request(req, out)
-        lr = _number(knobs.get("lr"))
-        cfg = loop_config(knobs, services.train_settings(base, "adapter", kind)["lr"] if lr is None else lr)
+        lr, recipe = _number(knobs.get("lr")), services.train_settings(base, "adapter", kind)
+        cfg = loop_config(knobs, recipe["lr"] if lr is None else lr, recipe["lr_schedule"])
         report = services.train_adapter(base, req, cfg, out, on_event=on_event, cancel=cancel, drift_samples=4,
                                         runner=zerogpu.runner())
         if report.paths and kind != "full":
@@ -98,7 +99,7 @@ def controlnet_trainer(current, library: Library):
                                       caption_dropout=float(knobs["caption_dropout"]), name=name)
         out = library.folder("controlnet", name)
         req = services.check_controlnet_request(req, out)
-        cfg = loop_config(knobs, knobs["lr"])
+        cfg = loop_config(knobs, knobs["lr"], services.train_settings(base, "controlnet")["lr_schedule"])
         report = services.train_controlnet(base, req, cfg, out, on_event=on_event, cancel=cancel,
                                            runner=zerogpu.runner())
         folder = next((p for p in report.paths if p.is_dir()), None)
@@ -146,7 +147,7 @@ def bridge_trainer(current, library: Library):
                                   name=name)
         out = library.folder("bridge", name)
         req = services.check_bridge_request(req, out)
-        cfg = loop_config(knobs, knobs["lr"])
+        cfg = loop_config(knobs, knobs["lr"], services.train_settings(base, "bridge", mode)["lr_schedule"])
         report = services.train_bridge(base, req, cfg, out, on_event=on_event, cancel=cancel,
                                        runner=zerogpu.runner())
         if report.paths:

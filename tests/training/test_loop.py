@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from hyperreal.errors import HyperrealError
 from hyperreal.jobs import TrainingJob
 from hyperreal.training import CancelToken, DenoisingObjective, TrainConfig, latest_checkpoint, train
+from hyperreal.training.loop import lr_factor
 
 
 class LineFit:
@@ -99,6 +100,46 @@ def test_bad_settings_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+class ConstantPull(LineFit):
+    """A loss whose gradient is 1 on one weight at every step: Adam then moves it by exactly the step's learning
+    rate (no weight decay), so the steps taken show the schedule the optimizer ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def trainable_parameters(self):
+        return [self.learn.weight]
+
+    def loss(self, batch):
+        return -self.learn.weight.sum()
+
+    def after_step(self, step):
+        self.seen.append(self.learn.weight.item())
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_the_learning_rate_follows_the_schedule_and_resumes_on_it(tmp_path, schedule):
+    cfg = TrainConfig(steps=10, batch_size=1, lr=0.1, warmup=3, weight_decay=0.0, lr_schedule=schedule, log_every=1)
+    m = ConstantPull()
+    start = m.learn.weight.item()
+    train(m, cfg, tmp_path / "whole")
+    steps = [b - a for a, b in zip([start] + m.seen, m.seen)]
+    expected = [0.1 * lr_factor(cfg, s) for s in range(10)]
+    assert steps == pytest.approx(expected, abs=1e-6)
+    assert expected[:3] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1])  # the warm-up, then the schedule
+    if schedule != "constant":
+        after = expected[3:]  # from the full rate down towards 0
+        assert after[0] == pytest.approx(0.1) and all(a > b for a, b in zip(after, after[1:])) and after[-1] < 0.02
+    # stopped at step 6 and resumed: the same steps as the uninterrupted run
+    cancel = CancelToken()
+    train(ConstantPull(), cfg, tmp_path / "parts", lambda e: e.kind == "step" and e.step == 6 and cancel.cancel(),
+          cancel)
+    again = ConstantPull()
+    train(again, cfg, tmp_path / "parts", resume=True)
+    assert again.seen == pytest.approx(m.seen[6:], abs=1e-6)
+
+
 def test_denoising_target_matches_the_prediction_type(kind):
     """Every method's loss uses this one objective: the target is what the scheduler's prediction type names."""
     obj = DenoisingObjective({"num_train_timesteps": 1000, "prediction_type": kind})
