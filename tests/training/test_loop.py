@@ -99,7 +99,6 @@ def test_bad_settings_are_refused(tmp_path):
         train(LineFit(), TrainConfig(steps=0), tmp_path)
 
 
-@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 class ConstantPull(LineFit):
     """A loss whose gradient is 1 on one weight at every step: Adam then moves it by exactly the step's learning
     rate (no weight decay), so the steps taken show the schedule the optimizer ran."""
@@ -140,6 +139,7 @@ def test_the_learning_rate_follows_the_schedule_and_resumes_on_it(tmp_path, sche
     assert again.seen == pytest.approx(m.seen[6:], abs=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 def test_denoising_target_matches_the_prediction_type(kind):
     """Every method's loss uses this one objective: the target is what the scheduler's prediction type names."""
     obj = DenoisingObjective({"num_train_timesteps": 1000, "prediction_type": kind})
