@@ -1,7 +1,8 @@
-"""The README's adapter tables, from the JSON that ``python -m hyperreal eval adapter --json`` prints.
+"""The README's adapter tables, from the JSON that ``python -m hyperreal eval adapter --json`` prints; several
+files (kinds run apart, e.g. in parallel) make one table per split, provided their base figures agree.
 
     python -m hyperreal eval adapter --work WORK --json | tail -1 > star.json
-    python bench/star_table.py star.json
+    python bench/star_table.py star.json [more.json ...]
 """
 from __future__ import annotations
 
@@ -27,17 +28,35 @@ def split_table(split: str, result: dict) -> str:
         met = r.get("targets_met")
         targets = "comparison" if met is None else ("**all met**" if all(met.values()) else
                                                      "missed: " + ", ".join(k for k, v in met.items() if not v))
+        threads = r.get("torch_threads")
         lines.append(
             f"| {NAMES.get(kind, kind)} | {pct(r['star_colour_rate'])} | {pct(r['star_rate'])} "
             f"| {pct(r['colour_shape_accuracy'])} ({r['accuracy_change_points']:+.1f}) "
             f"| {pct(r['one_object_accuracy'])} ({r['one_object_change_points']:+.1f}) | {r['drift']:.2f} "
-            f"| {r['train_seconds']:.0f} s | {r['trained_parameters']:,} | {targets} |")
+            f"| {r['train_seconds']:.0f} s" + (f", {threads} thread{'s' * (threads > 1)}" if threads else "")
+            + f" | {r['trained_parameters']:,} | {targets} |")
     return f"**{split}** split:\n\n" + "\n".join(lines)
 
 
+def merged(files: list[str]) -> dict:
+    """Each split's base figures and every file's kinds (each row keeps its file's torch thread count)."""
+    splits: dict[str, dict] = {}
+    for f in files:
+        figures = json.loads(Path(f).read_text().strip().splitlines()[-1])
+        for split, result in figures["splits"].items():
+            into = splits.setdefault(split, {"base_figures": result["base_figures"], "kinds": {}})
+            if into["base_figures"] != result["base_figures"]:
+                raise SystemExit(f"{f}: the base's figures on {split} differ from the other files' (another base "
+                                 "or other prompts); tables from such files do not belong together")
+            for kind, row in result["kinds"].items():
+                into["kinds"][kind] = {**row, "torch_threads": figures.get("torch_threads")}
+    return splits
+
+
 def main(argv: list[str]) -> int:
-    figures = json.loads(Path(argv[0]).read_text().strip().splitlines()[-1])
-    print("\n\n".join(split_table(split, result) for split, result in figures["splits"].items()))
+    if not argv:
+        raise SystemExit(__doc__)
+    print("\n\n".join(split_table(split, result) for split, result in merged(argv).items()))
     return 0
 
 
