@@ -92,7 +92,7 @@ def add_loop_args(p, lr_help: str = "") -> None:
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     p.add_argument("--lr-schedule", help="constant | cosine | linear: the learning rate after the warm-up (cosine and "
-                   "linear end at 0 on the last step; default: the base's recipe)")
+                   "linear reach 0 after the last step; default: the base's recipe)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
     p.add_argument("--sample-every", type=int, default=0, help="fixed-seed samples every N steps (0: at the end)")
     p.add_argument("--log-every", type=int, default=25)
