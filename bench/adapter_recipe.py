@@ -20,7 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import star as S  # noqa: E402
-from hyperreal import training  # noqa: E402
 from hyperreal.loading import load_base  # noqa: E402
 from hyperreal.methods import adapters as A  # noqa: E402
 from hyperreal.pipelines import generate_images  # noqa: E402
@@ -41,11 +40,9 @@ def main(argv: list[str]) -> int:
     for i, v in enumerate(variants):
         shown = dict(v)
         base = load_base("tiny")  # a fresh base per variant
-        recipe = base.defaults["adapter_train"]
-        steps, lr, bs = v.pop("steps", recipe["steps"]), v.pop("lr", recipe["lr"]), v.pop("bs", recipe["batch_size"])
-        schedule = v.pop("lr_schedule", recipe.get("lr_schedule", "constant"))
+        cfg = S.recipe_config(base, v.get("kind", "lora"), steps=v.pop("steps", None), lr=v.pop("lr", None),
+                              batch_size=v.pop("bs", None), lr_schedule=v.pop("lr_schedule", None))
         req = A.TrainRequest(data=str(data), name="recipe", **v)  # the defaults, but for what the variant says
-        cfg = training.TrainConfig(steps=steps, batch_size=bs, lr=lr, log_every=steps, lr_schedule=schedule)
         r = S.star_trial(base, req, cfg, work / f"run{i}", star_pairs, plain, base_plain)
         print(json.dumps({"variant": shown, "star_colour": r["star_colour_rate"], "star": r["star_rate"],
                           "drift": round(r["drift"], 2), "acc": r["colour_shape_accuracy"], "base_acc": base_acc,

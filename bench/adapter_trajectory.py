@@ -42,13 +42,12 @@ def main(argv: list[str]) -> int:
     base_plain = generate_images(base.pipe, plain, gen_steps, guidance)
     prompts = [p for p, _ in plain]
     base_acc = evaluator.accuracy(base_plain, prompts)["colour_shape"]
-    recipe = base.defaults["adapter_train"]
-    steps, lr, bs = v.pop("steps", recipe["steps"]), v.pop("lr", recipe["lr"]), v.pop("bs", recipe["batch_size"])
-    schedule = v.pop("lr_schedule", recipe.get("lr_schedule", "constant"))
+    cfg = S.recipe_config(base, v.get("kind", "lora"), steps=v.pop("steps", None), lr=v.pop("lr", None),
+                          batch_size=v.pop("bs", None), lr_schedule=v.pop("lr_schedule", None),
+                          log_every=args.every, checkpoint_every=args.every)
     req = A.TrainRequest(data=str(data), name="trajectory", **v)
-    cfg = training.TrainConfig(steps=steps, batch_size=bs, lr=lr, lr_schedule=schedule, log_every=args.every,
-                               checkpoint_every=args.every)
-    learner = A.make_learner(base, req, work / "out", info={"steps": steps, "lr": lr, "batch_size": bs})
+    learner = A.make_learner(base, req, work / "out",
+                             info={"steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size})
     t0, measuring = time.time(), 0.0
 
     def on_event(e) -> None:

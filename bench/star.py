@@ -122,6 +122,18 @@ def split_data(work: Path, split: str, n_prompts: int) -> tuple[Path, list, list
     return data, star_pairs, one + two
 
 
+def recipe_config(base, kind: str = "lora", **given) -> training.TrainConfig:
+    """The loop's settings a newcomer gets for ``kind`` from the base's recipe (``full`` at its own learning rate),
+    but for the ``TrainConfig`` fields ``given`` names (None: the recipe's); logs once, at the end, unless given."""
+    recipe = base.defaults["adapter_train"]
+    values = {"steps": recipe["steps"], "batch_size": recipe["batch_size"],
+              "lr": recipe["full_lr"] if kind == "full" else recipe["lr"],
+              "lr_schedule": recipe.get("lr_schedule", "constant")}
+    values.update({k: v for k, v in given.items() if v is not None})
+    values.setdefault("log_every", values["steps"])
+    return training.TrainConfig(**values)
+
+
 def star_benchmark(kinds: list[str], work: str | Path, splits=("dev", "held-out"), steps: int | None = None,
                    batch_size: int | None = None, n_prompts: int = 32, base_name: str = "tiny", log=print,
                    vae: str | None = None) -> dict:
@@ -152,10 +164,8 @@ def star_benchmark(kinds: list[str], work: str | Path, splits=("dev", "held-out"
             f"(one object {100 * base_one:.1f}%)")
         for kind in kinds:
             req = TrainRequest(data=str(data), kind=kind, name=f"star_{kind}")  # the defaults, nothing else
-            cfg = training.TrainConfig(steps=steps or recipe["steps"], batch_size=batch_size or recipe["batch_size"],
-                                       lr=recipe["full_lr"] if kind == "full" else recipe["lr"],
-                                       lr_schedule=recipe.get("lr_schedule", "constant"),
-                                       log_every=max((steps or recipe["steps"]) // 4, 1))
+            cfg = recipe_config(base, kind, steps=steps, batch_size=batch_size,
+                                log_every=max((steps or recipe["steps"]) // 4, 1))
             # a fresh base per kind: nothing carries over between runs
             row = star_trial(load_base(base_name, vae=vae), req, cfg, work / split / kind, star_pairs, plain_pairs,
                              base_plain, on_event=lambda e, kind=kind: e.kind == "step" and log(

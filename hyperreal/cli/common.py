@@ -104,13 +104,14 @@ def add_loop_args(p, lr_help: str = "") -> None:
 def train_config(args, settings: dict | None = None) -> TrainConfig:
     """The loop's settings: what the command line gives, else ``settings`` (services.train_settings). Without
     settings (before the base is loaded) it checks only what was given, so a bad value fails at once."""
-    chosen = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "gradient_checkpointing", "use_8bit_adam")}
-    fallback = settings or {"steps": 1, "batch_size": 1, "lr": 1e-4, "gradient_checkpointing": False,
-                            "use_8bit_adam": False}
+    chosen = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "lr_schedule", "gradient_checkpointing",
+                                            "use_8bit_adam")}
+    fallback = settings or {"steps": 1, "batch_size": 1, "lr": 1e-4, "lr_schedule": "constant",
+                            "gradient_checkpointing": False, "use_8bit_adam": False}
     v = {k: fallback[k] if x is None else x for k, x in chosen.items()}
     cfg = TrainConfig(steps=v["steps"], batch_size=v["batch_size"], lr=v["lr"], grad_accum=args.grad_accum,
                       mixed_precision=args.mixed_precision, warmup=args.warmup, use_8bit_adam=v["use_8bit_adam"],
-                      lr_schedule=args.lr_schedule or (settings or {}).get("lr_schedule", "constant"),
+                      lr_schedule=v["lr_schedule"],
                       gradient_checkpointing=v["gradient_checkpointing"], checkpoint_every=args.checkpoint_every,
                       validate_every=args.sample_every, log_every=max(1, min(args.log_every, v["steps"])),
                       seed=args.seed)
