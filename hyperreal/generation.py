@@ -41,12 +41,29 @@ class GenerationJob:
     controlnet: list[dict] | None = None  # [{"path": NAME|ID|DIR, "image": FILE, "scale": 1.0, "start": 0, "end": 1}]
 
     def resolved(self, defaults: dict) -> "GenerationJob":
-        """The job with every unset knob taken from the base's defaults."""
+        """The job with every unset knob taken from the base's defaults (the guidance from ``adapter_guidance``
+        when an adapter is on)."""
         d = asdict(self)
         for k in ("steps", "guidance", "width", "height"):
             if d[k] is None:
-                d[k] = defaults[k]
+                d[k] = default_guidance(defaults, adapters_on(self.adapters)) if k == "guidance" else defaults[k]
         return GenerationJob(**d)
+
+
+def adapters_on(adapters: list[dict] | None) -> bool:
+    """Whether a job's adapters change anything (at weight 0 an adapter is off: the image is the base's)."""
+    return any(a.get("weight", 1.0) != 0 for a in adapters or [])
+
+
+def default_guidance(defaults: dict, adapters_on: bool) -> float:
+    """The guidance a job gets when it sets none: the base's ``adapter_guidance`` with an adapter on."""
+    return defaults["adapter_guidance" if adapters_on else "guidance"]
+
+
+def guidance_on_switch(defaults: dict, adapters_on: bool, current: float) -> float:
+    """The Generate tab's guidance after adapters are switched on or off: the default for the new state while the
+    person has left it at the old state's default, else what they chose."""
+    return default_guidance(defaults, adapters_on) if current == default_guidance(defaults, not adapters_on) else current
 
 
 _TYPES = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": (int, float),

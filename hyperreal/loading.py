@@ -32,6 +32,10 @@ VAE_ENV = "HYPERREAL_VAE"  # read by the CLI's and the app's --vae defaults, not
 # hyperreal.json overrides any of these keys (the tiny model's does); method code reads what differs per base here.
 HUB_DEFAULTS = {
     "steps": 30, "guidance": 7.5, "width": 512, "height": 512,
+    # the guidance a job gets when an adapter is on and it sets none (None: "guidance"). An adapter taught a new
+    # word leans on it harder than the base leans on its own words; at the tiny base's guidance 5 its stars came
+    # out in fragments of several colours, at 2 whole and of the colour asked (README, "Guidance with an adapter")
+    "adapter_guidance": None,
     "examples": ["a photo of an astronaut riding a horse on mars"],
     "example_caption": "a photo of sks person",  # the Train panels' caption for images without one
     "world": None,  # a procedural world the base was trained on (the tiny base: "shapes")
@@ -86,7 +90,7 @@ class BaseModel:
     name: str  # what images and trained files record as the base (a single file: its file name)
     source: str  # folder, single file or hub id it came from
     pipe: object
-    defaults: dict = field(default_factory=lambda: dict(HUB_DEFAULTS))
+    defaults: dict = field(default_factory=lambda: base_defaults(None))
     config: str | None = None  # a single file's config folder, when one was given
     vae: str | None = None  # the VAE override it was loaded with
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -130,6 +134,8 @@ def base_defaults(folder: str | Path | None) -> dict:
     meta = Path(folder) / "hyperreal.json" if folder else None
     if meta is not None and meta.is_file():
         defaults.update({k: v for k, v in json.loads(meta.read_text()).items() if k in HUB_DEFAULTS})
+    if defaults["adapter_guidance"] is None:
+        defaults["adapter_guidance"] = defaults["guidance"]
     return defaults
 
 

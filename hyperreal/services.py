@@ -140,7 +140,8 @@ def train_adapter(base: BaseModel, req: adapters.TrainRequest, cfg: TrainConfig,
     def report(learner, paths) -> dict:
         trigger = learner.info.get("trigger")  # the one found in the captions when none was given
         pairs = adapters.default_drift_prompts(base, learner.data.captions, trigger, drift_samples)
-        measured = adapters.drift(learner, pairs, base.defaults["steps"], base.defaults["guidance"])
+        # both sides at the guidance a job gets with an adapter on: the difference is the adapter's alone
+        measured = adapters.drift(learner, pairs, base.defaults["steps"], base.defaults["adapter_guidance"])
         # a file, not images: on ZeroGPU this runs in another process, and files are what come back
         grid = out / "drift.png"
         adapters.drift_grid(measured["base_images"], measured["images"]).save(grid)
@@ -156,8 +157,12 @@ def train_adapter(base: BaseModel, req: adapters.TrainRequest, cfg: TrainConfig,
         where = loads_in.get(str(Path(p).relative_to(out)), "diffusers (UNet2DConditionModel.from_pretrained)")
         say(f"wrote {p} (loads in: {where})", cfg.steps)
     say(f"Drift on {measured['drift_prompts']} prompts without the trigger: mean abs pixel difference "
-        f"{measured['drift']:.2f} (0-255) from the base, same seeds; small is good: the base kept its knowledge. "
-        f"Before (top) and after (bottom): {measured['drift_grid']}", cfg.steps)
+        f"{measured['drift']:.2f} (0-255) from the base, same seeds, guidance {base.defaults['adapter_guidance']:g}; "
+        f"small is good: the base kept its knowledge. Before (top) and after (bottom): {measured['drift_grid']}",
+        cfg.steps)
+    if not full and base.defaults["adapter_guidance"] != base.defaults["guidance"]:
+        say(f"With an adapter on, jobs and the Generate tab start at guidance {base.defaults['adapter_guidance']:g} "
+            f"(this base's own is {base.defaults['guidance']:g}): a job's 'guidance' sets another", cfg.steps)
     if on_event is not None:  # the grid itself, for the app's gallery
         with Image.open(measured["drift_grid"]) as grid:
             on_event(ProgressEvent("info", cfg.steps, cfg.steps, images=[grid.copy()], captions=[
@@ -168,6 +173,7 @@ def train_adapter(base: BaseModel, req: adapters.TrainRequest, cfg: TrainConfig,
                "rank": None if full else req.rank, "alpha": measured["alpha"],
                "train_seconds": training.training_seconds(out), "drift": measured["drift"],
                "drift_prompts": measured["drift_prompts"], "drift_grid": measured["drift_grid"],
+               "guidance": base.defaults["adapter_guidance"],
                "trigger": measured["trigger"], "class_images": measured["class_images"],
                "files": [str(p) for p in paths]}
     return _finish(out, paths, figures, say, cancel)

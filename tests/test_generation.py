@@ -3,8 +3,9 @@ import pytest
 from PIL import Image
 
 from hyperreal.errors import HyperrealError
-from hyperreal.generation import (GenerationJob, job_from_dict, parameters_text, parse_parameters, read_jobs,
-                                  run_job, save_png)
+from hyperreal.generation import (GenerationJob, guidance_on_switch, job_from_dict, parameters_text,
+                                  parse_parameters, read_jobs, run_job, save_png)
+from hyperreal.loading import base_defaults
 
 
 def test_good_job():
@@ -28,6 +29,21 @@ def test_bad_jobs_say_what_is_wrong(job, words):
     with pytest.raises(HyperrealError) as e:
         job_from_dict(job, "jobs.jsonl line 4")
     assert str(e.value).startswith("jobs.jsonl line 4: ") and words in str(e.value)
+
+
+def test_guidance_with_an_adapter_on():
+    tiny = {"guidance": 5.0, "adapter_guidance": 2.0, "steps": 20, "width": 64, "height": 64}
+    on = GenerationJob("a sks star", 1, adapters=[{"path": "a.safetensors", "weight": 1.0}])
+    assert on.resolved(tiny).guidance == 2.0 and GenerationJob("a star", 1).resolved(tiny).guidance == 5.0
+    assert GenerationJob("a", 1, guidance=7.0, adapters=on.adapters).resolved(tiny).guidance == 7.0
+    zero = GenerationJob("a", 1, adapters=[{"path": "a.safetensors", "weight": 0.0}])  # at weight 0: off
+    assert zero.resolved(tiny).guidance == 5.0
+    # the Generate tab follows the switch while the person has left the guidance alone, and keeps their own
+    assert guidance_on_switch(tiny, True, 5.0) == 2.0 and guidance_on_switch(tiny, False, 2.0) == 5.0
+    assert guidance_on_switch(tiny, True, 6.5) == 6.5 and guidance_on_switch(tiny, False, 6.5) == 6.5
+    # a base that names none (SD1.5 from the hub) keeps its one guidance with adapters too
+    hub = base_defaults(None)
+    assert hub["adapter_guidance"] == hub["guidance"] == 7.5 and guidance_on_switch(hub, True, 7.5) == 7.5
 
 
 def test_read_jobs_names_the_line(tmp_path):

@@ -9,7 +9,8 @@ import gradio as gr
 
 from ..errors import HyperrealError
 from .. import services
-from ..generation import GenerationJob, generate_to_folder, job_from_dict, parse_parameters
+from ..generation import (GenerationJob, adapters_on, generate_to_folder, guidance_on_switch, job_from_dict,
+                          parse_parameters)
 from ..loading import BaseModel
 from ..settings import Settings
 from ..zerogpu import on_gpu
@@ -133,6 +134,13 @@ def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
                                   lambda: bridge_train_knobs(recipe("bridge"), base.defaults["world"] == "shapes"),
                                   caption, memory("bridge"), services.bridge_examples(base.name), gen_tab["prompt"])
             methods.append(MethodInputs("bridge", br["inputs"], bridge_to_job, bridge_restore))
+        # switching an adapter on moves Generate's guidance to the base's guidance for adapters, unless the person
+        # changed it (a person's own clicks only: restoring an image's settings keeps its guidance)
+        gr.on([c.input for slot in ad["slots"] for c in slot],
+              lambda *v: guidance_on_switch(current.base.defaults, adapters_on(adapters_from_inputs(list(v[:-1]))),
+                                            v[-1]),
+              [*ad["inputs"], gen_tab["guidance"]], gen_tab["guidance"], api_name="guidance_for_adapters",
+              queue=False)
         cn["wire_preview"](gen_tab["width"], gen_tab["height"])
         gen_tab["connect"]([c for m in methods for c in m.components],
                            lambda d: [v for m in methods for v in m.restore(d)])

@@ -33,7 +33,10 @@ def build_generate_tab(generate: Callable, parse_parameters: Callable, defaults:
                     count = gr.Slider(1, 8, value=1, step=1, label="Images")
                 with gr.Row():
                     steps = gr.Slider(1, 100, value=defaults["steps"], step=1, label="Steps")
-                    guidance = gr.Slider(0, 20, value=defaults["guidance"], step=0.5, label="Guidance (CFG)")
+                    with_adapter = defaults["adapter_guidance"]
+                    guidance = gr.Slider(0, 20, value=defaults["guidance"], step=0.5, label="Guidance (CFG)",
+                                         info=None if with_adapter == defaults["guidance"] else
+                                         f"moves to {with_adapter:g} when you switch an adapter on")
                 with gr.Row():
                     width = gr.Slider(64, 1024, value=defaults["width"], step=8, label="Width")
                     height = gr.Slider(64, 1024, value=defaults["height"], step=8, label="Height")

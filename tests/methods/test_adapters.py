@@ -415,6 +415,13 @@ def test_generate_jobs_apply_adapters_without_leaking(base, tmp_path):
     adapted, params = run_job(base, job)
     # the PNG's parameters carry the adapters, so "send to form" restores them
     assert parse_parameters(params)["adapters"] == [{"path": str(first), "weight": 1.0}]
+    # with an adapter on and no guidance set, the base's guidance for adapters; a job's own guidance stays
+    assert base.defaults["adapter_guidance"] != base.defaults["guidance"]
+    assert parse_parameters(params)["guidance"] == base.defaults["adapter_guidance"]
+    assert parse_parameters(run_job(base, plain)[1])["guidance"] == base.defaults["guidance"]
+    own = job_from_dict({"prompt": "a red circle", "seed": 3, "steps": STEPS, "guidance": base.defaults["guidance"],
+                         "adapters": [{"path": str(first), "weight": 1.0}]})
+    assert parse_parameters(run_job(base, own)[1])["guidance"] == base.defaults["guidance"]
     assert adapted.tobytes() != ref.tobytes()
     again, _ = run_job(base, plain)  # the shared pipeline is the base again
     assert again.tobytes() == ref.tobytes()
@@ -506,6 +513,8 @@ def test_cli_train_adapter_writes_its_files(tmp_path, stars):
     assert figures["kind"] == "lora" and figures["scale"] == pytest.approx(0.25) and figures["drift"] >= 0
     assert (out / "adapter.safetensors").is_file() and (out / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
     assert "loads in:" in r.stdout and "effective scale 0.25" in r.stdout
+    # the guidance jobs with it get (the tiny base's for adapters), in the summary and in words
+    assert figures["guidance"] == 2.0 and "start at guidance 2 (this base's own is 5)" in r.stdout
     # "sks" is three tokens to the tiny tokenizer: a token of its own, in the file and beside the diffusers LoRA
     assert "trigger word 'sks' is several tokens" in r.stdout and json.loads(meta["hyperreal_trigger_tokens"]) == ["sks"]
     assert "load_textual_inversion" in r.stdout and (out / "diffusers" / "sks_emb.safetensors").is_file()

@@ -43,6 +43,22 @@ def test_settings_go_back_to_the_form(app_url):
     assert list(out)[7:10] == [True, "x.safetensors", 0.5]
 
 
+def test_switching_an_adapter_on_moves_the_guidance(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url[0], verbose=False)
+    off = [False, "", 1.0] * 2
+
+    def after(on, path, guidance, weight=1.0):
+        return client.predict(on, path, weight, *off, guidance, api_name="/guidance_for_adapters")
+
+    assert after(True, "x.safetensors", 5.0) == 2.0  # the tiny base: 5, and 2 with an adapter on
+    assert after(False, "x.safetensors", 2.0) == 5.0  # off again
+    assert after(True, "", 5.0) == 5.0  # on, but no adapter picked
+    assert after(True, "x.safetensors", 2.0, weight=0.0) == 5.0  # at weight 0 it changes nothing
+    assert after(True, "x.safetensors", 6.5) == 6.5  # the person's own guidance stays
+
+
 # --- training in the app --------------------------------------------------------------------------------
 
 # the Train panel's knobs, in order (see ui/adapters_tab.py)
@@ -132,6 +148,7 @@ def test_train_adapter_with_the_panels_defaults(app_url, star_files):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["trigger"] == "sks" and summary["class_images"] == 64 and summary["steps"] == 10
     assert summary["drift"] >= 0 and Path(summary["drift_grid"]).is_file()
+    assert summary["guidance"] == 2.0 and "start at guidance 2" in final[0], final[0]
 
 
 def test_stop_keeps_the_checkpoint(app_url, star_files):

@@ -130,7 +130,9 @@ def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = N
     tokens = initial_token_vectors(base.pipe, words)
     if tokens:  # in the tokenizer before the captions are tokenized
         set_tokens(base.pipe, {w: (name, v) for w, v in tokens.items()})
-    sample = dict(sample_prompts=req.sample_prompts or None, sample_steps=steps, sample_guidance=guidance,
+    # samples while training are drawn as a job with the adapter on will be: at the base's adapter guidance
+    sample = dict(sample_prompts=req.sample_prompts or None, sample_steps=steps,
+                  sample_guidance=base.defaults["adapter_guidance"],
                   sample_seed=req.seed, sample_size=(base.defaults["width"], base.defaults["height"]),
                   prior_target=req.prior_target, snr_gamma=snr_gamma or None)
     info = {"base": base.name, "trigger": req.trigger, "images": len(instances), "class_images": len(classes),
