@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import star as S  # noqa: E402
 from hyperreal.loading import load_base  # noqa: E402
 from hyperreal.methods import adapters as A  # noqa: E402
-from hyperreal.pipelines import generate_images  # noqa: E402
 from hyperreal.shapes import evaluator  # noqa: E402
 
 
@@ -34,8 +33,7 @@ def main(argv: list[str]) -> int:
     work = Path(tempfile.mkdtemp(prefix="adapter-recipe-"))
     data, star_pairs, plain = S.split_data(work, "dev", n)  # recipes are chosen on the dev split only
     base = load_base("tiny")
-    steps_g, guidance = base.defaults["steps"], base.defaults["guidance"]
-    base_plain = generate_images(base.pipe, plain, steps_g, guidance)
+    base_plain, base_same = S.base_plain_images(base, plain)
     base_acc = evaluator.accuracy(base_plain, [p for p, _ in plain])["colour_shape"]
     for i, v in enumerate(variants):
         shown = dict(v)
@@ -43,7 +41,7 @@ def main(argv: list[str]) -> int:
         cfg = S.recipe_config(base, v.get("kind", "lora"), steps=v.pop("steps", None), lr=v.pop("lr", None),
                               batch_size=v.pop("bs", None), lr_schedule=v.pop("lr_schedule", None))
         req = A.TrainRequest(data=str(data), name="recipe", **v)  # the defaults, but for what the variant says
-        r = S.star_trial(base, req, cfg, work / f"run{i}", star_pairs, plain, base_plain)
+        r = S.star_trial(base, req, cfg, work / f"run{i}", star_pairs, plain, base_same)
         print(json.dumps({"variant": shown, "star_colour": r["star_colour_rate"], "star": r["star_rate"],
                           "drift": round(r["drift"], 2), "acc": r["colour_shape_accuracy"], "base_acc": base_acc,
                           "one": r["one_object_accuracy"],

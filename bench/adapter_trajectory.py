@@ -5,8 +5,9 @@ star and drift move with the steps (a constant learning rate swings the colour f
 
 The variant is JSON as in ``bench/adapter_recipe.py`` (``steps``, ``lr``, ``bs``, ``lr_schedule`` and any
 ``TrainRequest`` field; everything else is the default a newcomer gets). Prints one JSON line per checkpoint:
-the star of the colour asked at the base's guidance and at guidance 3, any star, colour+shape accuracy on prompts
-without the trigger (and the base's), drift, and training seconds so far (measuring not counted).
+the star of the colour asked at the guidance a job gets with an adapter on (``adapter_guidance``) and at the base's
+own, any star, colour+shape accuracy on prompts without the trigger with the adapter on (and the base's alone, at
+its own guidance), drift, and training seconds so far (measuring not counted).
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def main(argv: list[str]) -> int:
     work = Path(tempfile.mkdtemp(prefix="adapter-trajectory-"))
     data, star_pairs, plain = S.split_data(work, args.split, args.prompts)
     base = load_base("tiny")
-    gen_steps, guidance = base.defaults["steps"], base.defaults["guidance"]
-    base_plain = generate_images(base.pipe, plain, gen_steps, guidance)
+    gen_steps, guidance, with_adapter = (base.defaults[k] for k in ("steps", "guidance", "adapter_guidance"))
+    base_plain, base_same = S.base_plain_images(base, plain)
     prompts = [p for p, _ in plain]
     base_acc = evaluator.accuracy(base_plain, prompts)["colour_shape"]
     cfg = S.recipe_config(base, v.get("kind", "lora"), steps=v.pop("steps", None), lr=v.pop("lr", None),
@@ -56,11 +57,12 @@ def main(argv: list[str]) -> int:
             return
         m0 = time.time()
         at = {g: S.star_scores(generate_images(learner.sample_pipe, star_pairs, gen_steps, g), star_pairs)
-              for g in (guidance, 3.0)}
-        d = A.drift(learner, plain, gen_steps, guidance, base_images=base_plain)
+              for g in {guidance, with_adapter}}
+        d = A.drift(learner, plain, gen_steps, with_adapter, base_images=base_same)
         print(json.dumps({"variant": args.variant, "split": args.split, "step": e.step,
-                          "star_colour": at[guidance]["star_colour_rate"], "star": at[guidance]["star_rate"],
-                          "star_colour_guidance_3": at[3.0]["star_colour_rate"],
+                          "guidance": with_adapter, "star_colour": at[with_adapter]["star_colour_rate"],
+                          "star": at[with_adapter]["star_rate"],
+                          "star_colour_base_guidance": at[guidance]["star_colour_rate"],
                           "acc": evaluator.accuracy(d["images"], prompts)["colour_shape"], "base_acc": base_acc,
                           "drift": round(d["drift"], 2), "train_seconds": round(time.time() - t0 - measuring)}),
               flush=True)

@@ -88,10 +88,11 @@ def star_trial(base, req: TrainRequest, cfg, out: str | Path, star_pairs, plain_
                on_event=None) -> dict:
     """One training run on the star task, measured: star rate (any colour, and the colour asked for) on
     ``star_pairs``; drift from ``base_plain`` and colour+shape accuracy on ``plain_pairs`` (prompts without the
-    trigger; also on their one-object half); times; the file written. Used by ``star_benchmark`` and
-    ``bench/adapter_recipe.py``."""
+    trigger; also on their one-object half); times; the file written. Images with the adapter on are drawn at the
+    base's ``adapter_guidance``, as a job with an adapter is; ``base_plain`` is the base alone at that guidance
+    (:func:`base_plain_images`). Used by ``star_benchmark`` and ``bench/adapter_recipe.py``."""
     out = Path(out)
-    gen_steps, guidance = base.defaults["steps"], base.defaults["guidance"]
+    gen_steps, guidance = base.defaults["steps"], base.defaults["adapter_guidance"]
     t0 = time.time()
     learner = make_learner(base, req, out, info={"steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size})
     t_data = time.time() - t0
@@ -111,6 +112,14 @@ def star_trial(base, req: TrainRequest, cfg, out: str | Path, star_pairs, plain_
                                                       [prompts[i] for i in ones])["colour_shape"],
             "train_seconds": round(t_train, 1), "data_seconds": round(t_data, 1),
             "file": str(paths[0]), "file_mb": round(paths[0].stat().st_size / 1e6, 3)}
+
+
+def base_plain_images(base, plain_pairs) -> tuple[list, list]:
+    """The base alone on prompts without the trigger: at its own guidance (what a person gets with no adapter on:
+    the accuracy to keep) and at its ``adapter_guidance`` (the adapter's images' guidance: what drift compares)."""
+    steps, guidance, with_adapter = (base.defaults[k] for k in ("steps", "guidance", "adapter_guidance"))
+    alone = generate_images(base.pipe, plain_pairs, steps, guidance)
+    return alone, alone if with_adapter == guidance else generate_images(base.pipe, plain_pairs, steps, with_adapter)
 
 
 def split_data(work: Path, split: str, n_prompts: int) -> tuple[Path, list, list]:
@@ -146,11 +155,12 @@ def star_benchmark(kinds: list[str], work: str | Path, splits=("dev", "held-out"
     recipe = base.defaults["adapter_train"]
     gen_steps, guidance = base.defaults["steps"], base.defaults["guidance"]
     figures = {"base": base_name, "steps": steps or recipe["steps"], "batch_size": batch_size or recipe["batch_size"],
+               "guidance": guidance, "adapter_guidance": base.defaults["adapter_guidance"],
                "images": 8, "star_prompts": n_prompts, "plain_prompts": n_prompts,
                "torch_threads": torch.get_num_threads(), "splits": {}}
     for split in splits:
         data, star_pairs, plain_pairs = split_data(work, split, n_prompts)
-        base_plain = generate_images(base.pipe, plain_pairs, gen_steps, guidance)
+        base_plain, base_same = base_plain_images(base, plain_pairs)
         base_star = star_scores(generate_images(base.pipe, star_pairs, gen_steps, guidance), star_pairs)
         prompts = [p for p, _ in plain_pairs]
         ones = [i for i, p in enumerate(prompts) if " and " not in p]
@@ -168,7 +178,7 @@ def star_benchmark(kinds: list[str], work: str | Path, splits=("dev", "held-out"
                                 log_every=max((steps or recipe["steps"]) // 4, 1))
             # a fresh base per kind: nothing carries over between runs
             row = star_trial(load_base(base_name, vae=vae), req, cfg, work / split / kind, star_pairs, plain_pairs,
-                             base_plain, on_event=lambda e, kind=kind: e.kind == "step" and log(
+                             base_same, on_event=lambda e, kind=kind: e.kind == "step" and log(
                                  f"  [{split}] {kind} step {e.step}/{e.total} loss {e.loss:.4f}"))
             row["accuracy_change_points"] = round(100 * (row["colour_shape_accuracy"] - base_acc), 1)
             row["one_object_change_points"] = round(100 * (row["one_object_accuracy"] - base_one), 1)

@@ -48,7 +48,7 @@ def generate(base, pairs, unet_from: int | None):
     switch(unet_from == 0)
     gens = [torch.Generator().manual_seed(s) for _, s in pairs]
     out = base.pipe([p for p, _ in pairs], num_inference_steps=base.defaults["steps"],
-                    guidance_scale=base.defaults["guidance"], generator=gens, callback_on_step_end=at_step_end)
+                    guidance_scale=base.defaults["adapter_guidance"], generator=gens, callback_on_step_end=at_step_end)
     return out.images
 
 
