@@ -52,9 +52,9 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                         "type a hub id or a file under the models folder (kohya or diffusers LoRA keys).")
             for i in range(SLOTS):
                 with gr.Row():
-                    on = gr.Checkbox(label="on", value=False, scale=0, min_width=60)
+                    on = gr.Checkbox(label="on", value=False, scale=0, min_width=60, elem_id=f"adapter-on-{i}")
                     path = gr.Dropdown(choices=choices(), label=f"Adapter {i + 1}", allow_custom_value=True,
-                                       value="", scale=3)
+                                       value="", scale=3, elem_id=f"adapter-path-{i}")
                     weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", scale=2)
                 slots.append((on, path, weight))
             refresh = gr.Button("↻ Refresh the list", size="sm")

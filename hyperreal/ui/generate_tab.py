@@ -36,7 +36,8 @@ def build_generate_tab(generate: Callable, parse_parameters: Callable, defaults:
                     with_adapter = defaults["adapter_guidance"]
                     guidance = gr.Slider(0, 20, value=defaults["guidance"], step=0.5, label="Guidance (CFG)",
                                          info=None if with_adapter == defaults["guidance"] else
-                                         f"moves to {with_adapter:g} when you switch an adapter on")
+                                         f"moves to {with_adapter:g} when you switch an adapter on",
+                                         elem_id="guidance")
                 with gr.Row():
                     width = gr.Slider(64, 1024, value=defaults["width"], step=8, label="Width")
                     height = gr.Slider(64, 1024, value=defaults["height"], step=8, label="Height")

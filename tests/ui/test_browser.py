@@ -54,6 +54,20 @@ def test_generate_in_a_browser(app_url, tmp_path):
                     break
                 page.wait_for_timeout(500)
             assert "tiny-bridge" in info.input_value() and info.input_value().startswith(example), info.input_value()
+            # switching an adapter on moves Generate's guidance to the tiny base's for adapters (5 -> 2)
+            guidance = page.locator("#guidance input[type=number]")
+            assert float(guidance.input_value()) == 5.0
+            page.get_by_role("tab", name="Adapters").click()
+            path = page.locator("#adapter-path-0 input")
+            path.fill("my_lora.safetensors")
+            path.press("Enter")
+            page.locator("#adapter-on-0 input").check()
+            page.get_by_role("tab", name="Generate").click()
+            for _ in range(60):
+                if float(guidance.input_value()) == 2.0:
+                    break
+                page.wait_for_timeout(500)
+            assert float(guidance.input_value()) == 2.0
         finally:
             browser.close()
     assert not outside, f"the page asked for outside resources: {outside[:5]}"
