@@ -38,11 +38,19 @@ def split_table(split: str, result: dict) -> str:
     return f"**{split}** split:\n\n" + "\n".join(lines)
 
 
-def merged(files: list[str]) -> dict:
-    """Each split's base figures and every file's kinds (each row keeps its file's torch thread count)."""
+def merged(files: list[str]) -> tuple[dict, float | None]:
+    """Each split's base figures and every file's kinds (each row keeps its file's torch thread count), and the
+    guidance the adapters' images were drawn at (files from before ``adapter_guidance`` drew them at the base's)."""
     splits: dict[str, dict] = {}
+    guidances = set()
     for f in files:
         figures = json.loads(Path(f).read_text().strip().splitlines()[-1])
+        guidances.add(figures.get("adapter_guidance", figures.get("guidance")))
+        if len(guidances) > 1:
+            raise SystemExit(f"{f}: its adapters were sampled at another guidance than the other files' "
+                             f"({', '.join(sorted('the base' + chr(39) + 's' if g is None else f'{g:g}' for g in guidances))})"
+                             "; tables from "
+                             "such files do not belong together")
         for split, result in figures["splits"].items():
             into = splits.setdefault(split, {"base_figures": result["base_figures"], "kinds": {}})
             if into["base_figures"] != result["base_figures"]:
@@ -50,13 +58,16 @@ def merged(files: list[str]) -> dict:
                                  "or other prompts); tables from such files do not belong together")
             for kind, row in result["kinds"].items():
                 into["kinds"][kind] = {**row, "torch_threads": figures.get("torch_threads")}
-    return splits
+    return splits, guidances.pop()
 
 
 def main(argv: list[str]) -> int:
     if not argv:
         raise SystemExit(__doc__)
-    print("\n\n".join(split_table(split, result) for split, result in merged(argv).items()))
+    splits, guidance = merged(argv)
+    if guidance is not None:
+        print(f"Adapters sampled at guidance {guidance:g}; the base alone at its own.\n")
+    print("\n\n".join(split_table(split, result) for split, result in splits.items()))
     return 0
 
 

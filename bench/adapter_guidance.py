@@ -1,0 +1,59 @@
+"""Which guidance to sample a trained star adapter at: the eval's star prompts and prompts without the trigger, at
+several classifier-free guidance scales, with the adapter on and with the base alone (the evidence behind a base's
+``adapter_guidance``).
+
+    python bench/adapter_guidance.py ADAPTER.safetensors [--split dev|held-out] [--seed N] [--guidance 1.5,2,3,5]
+
+ADAPTER is a file ``train adapter`` or ``eval adapter --work DIR`` wrote for the star task. The prompts are the
+split's (``bench/star.py``); ``--seed`` draws other star prompts, seeds and prompts without the trigger instead, none
+used before, so a choice made on a split can be checked where nothing was looked at. One JSON line per guidance:
+the star of the colour asked, any star, and colour+shape accuracy without the trigger, adapter on and base alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import star as S  # noqa: E402
+from hyperreal.loading import load_base  # noqa: E402
+from hyperreal.methods.adapters import job_adapters  # noqa: E402
+from hyperreal.pipelines import generate_images  # noqa: E402
+from hyperreal.shapes import evaluator  # noqa: E402
+from hyperreal.shapes.benchmark import held_out_prompts  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("adapter")
+    ap.add_argument("--split", default="dev", choices=sorted(S.SPLITS))
+    ap.add_argument("--seed", type=int, help="other prompts and seeds than the split's")
+    ap.add_argument("--prompts", type=int, default=64, help="star prompts, and prompts without the trigger")
+    ap.add_argument("--guidance", default="1.5,2,3,5")
+    args = ap.parse_args(argv)
+    sp = S.SPLITS[args.split]
+    if args.seed is None:
+        star_pairs = S.star_prompts(args.prompts, seed=sp["prompt_seed"], offset=sp["prompt_offset"])
+        one, two = held_out_prompts(args.prompts - args.prompts // 2, args.prompts // 2, seed=sp["plain_seed"])
+    else:  # the seeds of the star prompts start far from both splits' (50_000 and 70_000)
+        star_pairs = S.star_prompts(args.prompts, seed=args.seed, offset=90_000)
+        one, two = held_out_prompts(args.prompts - args.prompts // 2, args.prompts // 2, seed=args.seed + 1)
+    plain = one + two
+    prompts = [p for p, _ in plain]
+    base = load_base("tiny")
+    steps = base.defaults["steps"]
+    for g in (float(x) for x in args.guidance.split(",")):
+        alone = evaluator.accuracy(generate_images(base.pipe, plain, steps, g), prompts)["colour_shape"]
+        with job_adapters(base.pipe, [{"path": args.adapter, "weight": 1.0}]):
+            star = S.star_scores(generate_images(base.pipe, star_pairs, steps, g), star_pairs)
+            on = evaluator.accuracy(generate_images(base.pipe, plain, steps, g), prompts)["colour_shape"]
+        print(json.dumps({"split": args.split, "seed": args.seed, "guidance": g, **star,
+                          "without_trigger_adapter": on, "without_trigger_base": alone}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
