@@ -3,15 +3,19 @@ several classifier-free guidance scales, with the adapter on and with the base a
 ``adapter_guidance``).
 
     python bench/adapter_guidance.py ADAPTER.safetensors [--split dev|held-out] [--seed N] [--guidance 1.5,2,3,5]
+                                     [--weight 1.0]
 
 ADAPTER is a file ``train adapter`` or ``eval adapter --work DIR`` wrote for the star task. The prompts are the
 split's (``bench/star.py``); ``--seed`` draws other star prompts, seeds and prompts without the trigger instead, none
 used before, so a choice made on a split can be checked where nothing was looked at. One JSON line per guidance:
-the star of the colour asked, any star, and colour+shape accuracy without the trigger, adapter on and base alone.
+the star of the colour asked, any star, what the misses drew ("orange -> red*": asked orange, found one red star;
+"-": nothing; several objects are counted as such), and colour+shape accuracy without the trigger, adapter on and
+base alone.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 from pathlib import Path
@@ -24,6 +28,21 @@ from hyperreal.methods.adapters import job_adapters  # noqa: E402
 from hyperreal.pipelines import generate_images  # noqa: E402
 from hyperreal.shapes import evaluator  # noqa: E402
 from hyperreal.shapes.benchmark import held_out_prompts  # noqa: E402
+from hyperreal.shapes.world import parse_caption  # noqa: E402
+
+
+def misses(images, pairs) -> dict[str, int]:
+    """What the evaluator found where the star of the colour asked is missing, most frequent first."""
+    found = collections.Counter()
+    for img, (prompt, _) in zip(images, pairs):
+        expected = parse_caption(prompt.replace(f" {S.STAR_TRIGGER} ", " "))
+        s = evaluator.score(img, expected)
+        if len(s.objects) == 1 and s.objects[0]["shape"] == "star" and s.colour_shape:
+            continue
+        got = ("-" if not s.objects else f"{len(s.objects)} objects" if len(s.objects) > 1 else
+               s.objects[0]["colour"] + ("*" if s.objects[0]["shape"] == "star" else " " + s.objects[0]["shape"]))
+        found[f"{expected[0].colour} -> {got}"] += 1
+    return dict(found.most_common())
 
 
 def main(argv: list[str]) -> int:
@@ -33,6 +52,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, help="other prompts and seeds than the split's")
     ap.add_argument("--prompts", type=int, default=64, help="star prompts, and prompts without the trigger")
     ap.add_argument("--guidance", default="1.5,2,3,5")
+    ap.add_argument("--weight", type=float, default=1.0, help="the adapter's weight")
     args = ap.parse_args(argv)
     sp = S.SPLITS[args.split]
     if args.seed is None:
@@ -47,10 +67,11 @@ def main(argv: list[str]) -> int:
     steps = base.defaults["steps"]
     for g in (float(x) for x in args.guidance.split(",")):
         alone = evaluator.accuracy(generate_images(base.pipe, plain, steps, g), prompts)["colour_shape"]
-        with job_adapters(base.pipe, [{"path": args.adapter, "weight": 1.0}]):
-            star = S.star_scores(generate_images(base.pipe, star_pairs, steps, g), star_pairs)
+        with job_adapters(base.pipe, [{"path": args.adapter, "weight": args.weight}]):
+            stars = generate_images(base.pipe, star_pairs, steps, g)
             on = evaluator.accuracy(generate_images(base.pipe, plain, steps, g), prompts)["colour_shape"]
-        print(json.dumps({"split": args.split, "seed": args.seed, "guidance": g, **star,
+        print(json.dumps({"split": args.split, "seed": args.seed, "guidance": g, "weight": args.weight,
+                          **S.star_scores(stars, star_pairs), "misses": misses(stars, star_pairs),
                           "without_trigger_adapter": on, "without_trigger_base": alone}), flush=True)
     return 0
 

@@ -34,7 +34,7 @@ HUB_DEFAULTS = {
     "steps": 30, "guidance": 7.5, "width": 512, "height": 512,
     # the guidance a job gets when an adapter is on and it sets none (None: "guidance"). An adapter taught a new
     # word leans on it harder than the base leans on its own words; at the tiny base's guidance 5 its stars came
-    # out in fragments of several colours, at 2 whole and of the colour asked (README, "Guidance with an adapter")
+    # out in fragments of several colours, at 2 whole and of the colour asked (README, "Guidance with an adapter on")
     "adapter_guidance": None,
     "examples": ["a photo of an astronaut riding a horse on mars"],
     "example_caption": "a photo of sks person",  # the Train panels' caption for images without one
