@@ -27,7 +27,6 @@ from hyperreal.loading import load_base  # noqa: E402
 from hyperreal.methods.adapters import job_adapters  # noqa: E402
 from hyperreal.pipelines import generate_images  # noqa: E402
 from hyperreal.shapes import evaluator  # noqa: E402
-from hyperreal.shapes.benchmark import held_out_prompts  # noqa: E402
 from hyperreal.shapes.world import parse_caption  # noqa: E402
 
 
@@ -54,14 +53,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--guidance", default="1.5,2,3,5")
     ap.add_argument("--weight", type=float, default=1.0, help="the adapter's weight")
     args = ap.parse_args(argv)
-    sp = S.SPLITS[args.split]
-    if args.seed is None:
-        star_pairs = S.star_prompts(args.prompts, seed=sp["prompt_seed"], offset=sp["prompt_offset"])
-        one, two = held_out_prompts(args.prompts - args.prompts // 2, args.prompts // 2, seed=sp["plain_seed"])
-    else:  # the seeds of the star prompts start far from both splits' (50_000 and 70_000)
-        star_pairs = S.star_prompts(args.prompts, seed=args.seed, offset=90_000)
-        one, two = held_out_prompts(args.prompts - args.prompts // 2, args.prompts // 2, seed=args.seed + 1)
-    plain = one + two
+    star_pairs, plain = S.split_prompts(args.split, args.prompts, args.seed)
     prompts = [p for p, _ in plain]
     base = load_base("tiny")
     steps = base.defaults["steps"]

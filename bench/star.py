@@ -122,13 +122,32 @@ def base_plain_images(base, plain_pairs) -> tuple[list, list]:
     return alone, alone if with_adapter == guidance else generate_images(base.pipe, plain_pairs, steps, with_adapter)
 
 
+def split_prompts(split: str, n_prompts: int, seed: int | None = None) -> tuple[list, list]:
+    """The star prompts and prompts without the trigger of one split; with ``seed``, others that neither split
+    uses (star prompt seeds from 90_000, far from the splits' 50_000 and 70_000)."""
+    sp = SPLITS[split]
+    if seed is None:
+        star_pairs = star_prompts(n_prompts, seed=sp["prompt_seed"], offset=sp["prompt_offset"])
+        plain_seed = sp["plain_seed"]
+    else:
+        star_pairs, plain_seed = star_prompts(n_prompts, seed=seed, offset=90_000), seed + 1
+    one, two = held_out_prompts(n_prompts - n_prompts // 2, n_prompts // 2, seed=plain_seed)
+    return star_pairs, one + two
+
+
 def split_data(work: Path, split: str, n_prompts: int) -> tuple[Path, list, list]:
     """The star images, star prompts and prompts without the trigger of one split."""
     sp = SPLITS[split]
     data = star_dataset(work / f"stars-{split}", seed=sp["image_seed"], first_colour=sp["first_colour"])
-    star_pairs = star_prompts(n_prompts, seed=sp["prompt_seed"], offset=sp["prompt_offset"])
-    one, two = held_out_prompts(n_prompts - n_prompts // 2, n_prompts // 2, seed=sp["plain_seed"])
-    return data, star_pairs, one + two
+    return (data, *split_prompts(split, n_prompts))
+
+
+def targets_met(row: dict) -> dict:
+    """Issue 19's targets for one kind's figures."""
+    return {"star_colour_rate>=0.8": row["star_colour_rate"] >= 0.8,
+            "accuracy_within_5_points": row["accuracy_change_points"] >= -5.0,
+            "one_object_within_5_points": row["one_object_change_points"] >= -5.0,
+            "train_seconds<=600": row["train_seconds"] <= 600}
 
 
 def recipe_config(base, kind: str = "lora", **given) -> training.TrainConfig:
@@ -189,11 +208,6 @@ def star_benchmark(kinds: list[str], work: str | Path, splits=("dev", "held-out"
                 f"drift {row['drift']:.2f}, trained in {row['train_seconds']:.0f}s")
         for kind, row in result["kinds"].items():
             if kind != "full":
-                row["targets_met"] = {
-                    "star_colour_rate>=0.8": row["star_colour_rate"] >= 0.8,
-                    "accuracy_within_5_points": row["accuracy_change_points"] >= -5.0,
-                    "one_object_within_5_points": row["one_object_change_points"] >= -5.0,
-                    "train_seconds<=600": row["train_seconds"] <= 600,
-                }
+                row["targets_met"] = targets_met(row)
         figures["splits"][split] = result
     return figures

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,9 +52,8 @@ def main(argv: list[str]) -> int:
     steps = base.defaults["steps"]
     g = base.defaults["adapter_guidance"] if args.guidance is None else args.guidance
     figures.update(adapter_guidance=g, resampled_from=str(args.eval_json))
-    work = Path(tempfile.mkdtemp(prefix="star-resample-"))
     for split, result in figures["splits"].items():
-        _, star_pairs, plain = S.split_data(work, split, figures["star_prompts"])
+        star_pairs, plain = S.split_prompts(split, figures["star_prompts"])
         prompts = [p for p, _ in plain]
         ones = [i for i, p in enumerate(prompts) if " and " not in p]
         base_same = generate_images(base.pipe, plain, steps, g)
@@ -72,9 +70,7 @@ def main(argv: list[str]) -> int:
                        accuracy_change_points=round(100 * (acc - b["colour_shape_accuracy"]), 1),
                        one_object_change_points=round(100 * (one - b["one_object_accuracy"]), 1))
             if "targets_met" in row:
-                row["targets_met"].update({"star_colour_rate>=0.8": row["star_colour_rate"] >= 0.8,
-                                           "accuracy_within_5_points": row["accuracy_change_points"] >= -5.0,
-                                           "one_object_within_5_points": row["one_object_change_points"] >= -5.0})
+                row["targets_met"] = S.targets_met(row)
             print(f"[{split}] {kind} at guidance {g:g}: star of the colour asked {100 * row['star_colour_rate']:.1f}%",
                   file=sys.stderr, flush=True)
     print(json.dumps(figures))
