@@ -9,8 +9,8 @@ import gradio as gr
 
 from ..errors import HyperrealError
 from .. import services
-from ..generation import (GenerationJob, adapters_on, generate_to_folder, guidance_on_switch, job_from_dict,
-                          parse_parameters)
+from ..generation import (GenerationJob, adapters_on, default_guidance, generate_to_folder, guidance_on_switch,
+                          job_from_dict, parse_parameters)
 from ..loading import BaseModel
 from ..settings import Settings
 from ..zerogpu import on_gpu
@@ -21,7 +21,7 @@ from .adapters_tab import adapters_from_inputs, build_adapters_tab
 from .bases import CurrentBase, build_base_picker
 from .bridge_tab import bridge_train_knobs, build_bridge_tab
 from .controlnet_tab import build_controlnet_tab, controlnet_train_knobs, units_from_inputs
-from .generate_tab import build_generate_tab
+from .generate_tab import build_generate_tab, guidance_note
 from .library import Library, save_map
 
 INTRO = """# hyperreal
@@ -145,9 +145,16 @@ def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
         gen_tab["connect"]([c for m in methods for c in m.components],
                            lambda d: [v for m in methods for v in m.restore(d)])
         # after a switch: the page names the new base and Generate starts from its defaults
-        picker["connect"]([intro, *(gen_tab[k] for k in ("steps", "guidance", "width", "height"))],
-                          lambda new: [INTRO.format(name=new.name), *(new.defaults[k] for k in
-                                                                       ("steps", "guidance", "width", "height"))])
+        switched = picker["connect"]([intro, *(gen_tab[k] for k in ("steps", "guidance", "width", "height"))],
+                                     lambda new: [INTRO.format(name=new.name), *(new.defaults[k] for k in
+                                                                                  ("steps", "guidance", "width",
+                                                                                   "height"))])
+        # then, with an adapter on, the new base's guidance for adapters, and the slider's note for the new base
+        # (a private step: what /switch_base returns to an API client stays the base's own guidance)
+        switched.success(lambda *v: gr.update(
+            value=default_guidance(current.base.defaults, adapters_on(adapters_from_inputs(list(v)))),
+            info=guidance_note(current.base.defaults)), ad["inputs"], gen_tab["guidance"], queue=False,
+            api_visibility="private")
     demo.queue(default_concurrency_limit=1)
     return demo
 

@@ -99,7 +99,8 @@ def holding(current):
 
 def build_base_picker(current: CurrentBase) -> dict:
     """The row at the top of the page: the base dropdown and its refresh button. ``connect(outputs, values)``
-    wires the switch once the tabs exist: ``values(base) -> [value per output]`` after a switch."""
+    wires the switch once the tabs exist: ``values(base) -> [value per output]`` after a switch, and returns the
+    switch's event (for steps that follow a successful switch)."""
     with gr.Row():
         picker = gr.Dropdown(choices=current.choices(), value=current.value, label="Base model",
                              allow_custom_value=True, scale=4, elem_id="base-model",
@@ -109,7 +110,7 @@ def build_base_picker(current: CurrentBase) -> dict:
     refresh.click(lambda: gr.update(choices=current.choices(), value=current.value), None, picker,
                   api_name="list_bases", queue=False)
 
-    def connect(outputs: list, values: Callable[[BaseModel], list]) -> None:
+    def connect(outputs: list, values: Callable[[BaseModel], list]):
         def switch(value):
             try:
                 new = current.switch(value)
@@ -121,5 +122,6 @@ def build_base_picker(current: CurrentBase) -> dict:
                              concurrency_id="switch_base", concurrency_limit=1)
         # a refused or failed switch puts the picker back on the base in use
         event.failure(lambda: gr.update(value=current.value), None, picker, queue=False, api_visibility="private")
+        return event
 
     return {"picker": picker, "refresh": refresh, "connect": connect}

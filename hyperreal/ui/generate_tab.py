@@ -16,6 +16,12 @@ def png_parameters(path: str) -> str:
         return im.info.get("parameters", "")
 
 
+def guidance_note(defaults: dict) -> str | None:
+    """The guidance slider's note: where it moves when an adapter is switched on, for bases that say so."""
+    with_adapter = defaults["adapter_guidance"]
+    return None if with_adapter == defaults["guidance"] else f"moves to {with_adapter:g} when you switch an adapter on"
+
+
 def build_generate_tab(generate: Callable, parse_parameters: Callable, defaults: dict, examples: list[str]) -> dict:
     """``generate(prompt, negative, seed, steps, guidance, width, height, count, *method_knobs) ->
     [(png_path, parameters)]``; ``parse_parameters(text) -> dict`` reads a parameters text back into form fields.
@@ -33,11 +39,8 @@ def build_generate_tab(generate: Callable, parse_parameters: Callable, defaults:
                     count = gr.Slider(1, 8, value=1, step=1, label="Images")
                 with gr.Row():
                     steps = gr.Slider(1, 100, value=defaults["steps"], step=1, label="Steps")
-                    with_adapter = defaults["adapter_guidance"]
                     guidance = gr.Slider(0, 20, value=defaults["guidance"], step=0.5, label="Guidance (CFG)",
-                                         info=None if with_adapter == defaults["guidance"] else
-                                         f"moves to {with_adapter:g} when you switch an adapter on",
-                                         elem_id="guidance")
+                                         info=guidance_note(defaults), elem_id="guidance")
                 with gr.Row():
                     width = gr.Slider(64, 1024, value=defaults["width"], step=8, label="Width")
                     height = gr.Slider(64, 1024, value=defaults["height"], step=8, label="Height")
