@@ -120,6 +120,8 @@ def train_adapter(base: BaseModel, req: adapters.TrainRequest, cfg: TrainConfig,
     def open_(emit):
         with base.in_training():
             learner = adapters.make_learner(base, req, out, info={"steps": cfg.steps, "lr": cfg.lr,
+                                                                  "lr_schedule": cfg.lr_schedule,
+                                                                  "warmup": cfg.warmup,
                                                                   "batch_size": cfg.batch_size})
             try:
                 what = "the whole UNet (full fine-tune)" if full else learner.spec.describe()
@@ -169,6 +171,7 @@ def train_adapter(base: BaseModel, req: adapters.TrainRequest, cfg: TrainConfig,
                 f"without the trigger, before (top: the base) and after (bottom: with the adapter); drift "
                 f"{measured['drift']:.2f}"]))
     figures = {"kind": req.kind, "base": base.name, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+               "lr_schedule": cfg.lr_schedule,
                "trained_parameters": measured["trained_parameters"], "scale": measured["scale"],
                "rank": None if full else req.rank, "alpha": measured["alpha"],
                "train_seconds": training.training_seconds(out), "drift": measured["drift"],

@@ -74,7 +74,9 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
             with gr.Row():
                 steps = gr.Slider(10, 5000, value=start["steps"], step=10, label="Steps")
                 batch = gr.Slider(1, 32, value=start["batch_size"], step=1, label="Batch size")
-                lr = gr.Number(label="Learning rate", value=start["lr"])
+                lr = gr.Number(label="Learning rate", value=start["lr"],
+                               info=None if start["lr_schedule"] == "constant" else
+                               f"the peak: it decays ({start['lr_schedule']}) to 0 by the last step")
                 sample_every = gr.Slider(0, 500, value=start["sample_every"], step=10,
                                          label="Samples every N steps (0: end only)")
             scale = gr.Markdown(effective_scale("lora", DEFAULT_RANK, None, "diffusers-like", False, start["lr"],

@@ -509,7 +509,10 @@ def test_cli_train_adapter_writes_its_files(tmp_path, stars):
         meta = f.metadata()
     assert (meta["ss_num_reg_images"], meta["ss_num_repeats"], meta["ss_prior_loss_weight"]) == ("8", "2", "15.0")
     assert meta["ss_min_snr_gamma"] == "5.0"
+    # no --lr-schedule: the base's recipe (tiny's cosine), in kohya's keys and the summary
+    assert (meta["ss_lr_scheduler"], meta["ss_lr_warmup_steps"]) == ("cosine", "0")
     figures = json.loads(r.stdout.strip().splitlines()[-1])
+    assert figures["lr_schedule"] == "cosine"
     assert figures["kind"] == "lora" and figures["scale"] == pytest.approx(0.25) and figures["drift"] >= 0
     assert (out / "adapter.safetensors").is_file() and (out / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
     assert "loads in:" in r.stdout and "effective scale 0.25" in r.stdout

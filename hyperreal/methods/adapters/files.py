@@ -131,6 +131,8 @@ def _header(spec: AdapterSpec, info: dict, configs: dict) -> dict[str, str]:
         "ss_max_train_steps": str(info.get("steps", "")),
         "ss_steps": str(info.get("steps_done", info.get("steps", ""))),
         "ss_learning_rate": str(info.get("lr", "")),
+        "ss_lr_scheduler": str(info.get("lr_schedule", "")),  # kohya's key: constant | cosine | linear
+        "ss_lr_warmup_steps": str(info.get("warmup", "")),
         "ss_batch_size_per_device": str(info.get("batch_size", "")),
         "ss_resolution": str(info.get("resolution", "")),
         "ss_num_train_images": str(info.get("images", "")),
