@@ -16,7 +16,8 @@ def sd15_like():
 
 def test_recipes_come_from_the_base(tiny):
     t = services.train_settings(tiny, "adapter", "lora")
-    assert (t["steps"], t["batch_size"], t["lr"], t["prior_weight"]) == (2000, 8, 1e-3, 15.0)  # tiny's hyperreal.json
+    assert ((t["steps"], t["batch_size"], t["lr"], t["lr_schedule"], t["prior_weight"])  # tiny's hyperreal.json
+            == (1200, 8, 4e-3, "cosine", 15.0))
     assert services.train_settings(tiny, "adapter", "full")["lr"] == 1e-4
     assert services.train_settings(tiny, "bridge", "swap")["batch_size"] == 64
     sd = HUB_DEFAULTS["adapter_train"]
