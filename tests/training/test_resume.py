@@ -49,7 +49,9 @@ class Cli:
         cmd = [sys.executable, "-m", "hyperreal", "train", "adapter", "--base", "tiny", "--data", str(data),
                "--out", str(out), "--steps", str(steps), "--batch-size", "1", "--lr", "2e-3", "--grad-accum", "2",
                "--warmup", "3", "--checkpoint-every", str(EVERY), "--seed", str(SEED), "--rank", "2", "--flip",
-               "--caption-dropout", "0.3", "--drift-samples", "1", "--log-every", "1", *extra]
+               "--caption-dropout", "0.3", "--drift-samples", "1", "--log-every", "1",
+               # constant, not the recipe's decay: the 4-step run's last step must be the reference's step 4
+               "--lr-schedule", "constant", *extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         _started.append(self.proc)
