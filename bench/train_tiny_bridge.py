@@ -1,6 +1,7 @@
 """Make the embedded ``tiny-bridge``: an offline extra encoder (USE multilingual) joined to the tiny base, both modes.
 
     python -m bench.train_tiny_bridge            # trains swap and fuse, measures, writes the folder
+    python -m bench.train_tiny_bridge --modes fuse   # trains fuse again, keeps the shipped swap, measures both
 
 Writes ``hyperreal/embedded/tiny-bridge/`` with ``swap.safetensors`` (the default: ``"path": "tiny-bridge"``),
 ``fuse.safetensors`` (``"path": "tiny-bridge:fuse"``), ``hyperreal.json``, ``training_record.json`` and a model card
@@ -80,8 +81,8 @@ judged on the held-out split: English >= 75%, Spanish, French, German and Russia
 |---|---|---|---|
 {timing}
 
-Made by `{record['command']}` in {record['total_seconds'] / 60:.1f} min on {record['threads']} CPU threads
-(torch {record['torch']}); runs:
+Last made by `{record['command']}` in {record['total_seconds'] / 60:.1f} min on {record['threads']} CPU threads
+(torch {record['torch']}), measurements included; each run names the command that trained it:
 {runs}
 
 Re-measure: `python -m hyperreal eval bridge --json`. Full record: `training_record.json`.
@@ -129,24 +130,34 @@ def main(argv=None) -> int:
                       "layers": args.layers, "seconds": round(time.time() - t0, 1)}
         files[mode] = paths[0]
     out.mkdir(parents=True, exist_ok=True)
+    # a mode not trained by this command keeps its shipped file and its run's record
+    earlier = json.loads((out / "training_record.json").read_text()) if (out / "training_record.json").exists() else {}
+    args_text = " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"python -m bench.train_tiny_bridge {args_text}".strip()
+    for mode in runs:
+        runs[mode]["command"] = command
+    kept = {m: r for m, r in earlier.get("runs", {}).items()
+            if m not in files and (out / f"{m}.safetensors").exists() and earlier.get("encoder") == args.encoder}
+    runs = {m: {"command": earlier.get("command", ""), **kept[m]} if m in kept else runs[m]
+            for m in B.MODES[::-1] if m in kept or m in runs}  # swap first
     for mode, p in files.items():
         shutil.copy(p, out / f"{mode}.safetensors")
+    shipped = list(runs)
     info = {"kind": "bridge", "base": "tiny", "encoder": args.encoder,
-            "default": "swap" if "swap" in files else modes[0], "files": {m: f"{m}.safetensors" for m in files},
+            "default": "swap" if "swap" in shipped else shipped[0], "files": {m: f"{m}.safetensors" for m in shipped},
             "examples": EXAMPLES}
     (out / "hyperreal.json").write_text(json.dumps(info, indent=2) + "\n")
     # measured on the files as shipped
-    bridges = {m: str(out / f"{m}.safetensors") for m in files}
+    bridges = {m: str(out / f"{m}.safetensors") for m in shipped}
     figures = benchmark(load_base("tiny"), bridges, args.synonym_prompts, args.original_prompts, args.language_prompts)
     for m, r in figures["modes"].items():
         r["bridge"] = "tiny-bridge" if m == info["default"] else f"tiny-bridge:{m}"
-    args_text = " ".join(argv if argv is not None else sys.argv[1:])
-    record = {"command": f"python -m bench.train_tiny_bridge {args_text}".strip(), "encoder": args.encoder,
+    record = {"command": command, "encoder": args.encoder,
               "pooled_tokens": POOLED_TOKENS if args.encoder in POOLED else 0,
               "runs": runs, "figures": figures, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "fuse_layers": len(cross_attention_layers(base.pipe.unet)),
               "total_seconds": round(time.time() - t_all, 1),
-              "sizes_mb": {m: round((out / f"{m}.safetensors").stat().st_size / 1e6, 2) for m in files}}
+              "sizes_mb": {m: round((out / f"{m}.safetensors").stat().st_size / 1e6, 2) for m in shipped}}
     (out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
     write_card(out, record)
     print(json.dumps(figures))

@@ -146,10 +146,17 @@ def conditioning(pipe, lb: LoadedBridge, prompts: list[str], negatives: list[str
                 out["negative_prompt_embeds"] = torch.where(keep, base_neg, blend)
             yield out
             return
-        both, mask = lb.encode(prompts + neg)  # one call: the same padded length for cond and uncond
+        # one call: the same padded length for cond and uncond; a residual fuse bridge reads the base's reading too
+        base_both = pipe.encode_prompt(prompts + neg, pipe.text_encoder.device, 1, False)[0] if lb.spec.residual \
+            else None
+        both, mask = lb.encode(prompts + neg, base_both)
     n = len(prompts)
+    # an empty negative prompt stays the base's own, as in swap: zero tokens add exactly nothing (keys and values
+    # have no bias). Guidance multiplies any change to it (at 5, four times), on prompts the base reads as well
+    empty = torch.tensor([not x for x in neg], device=both.device)[:, None, None]
+    uncond = torch.where(empty, torch.zeros_like(both[n:]), both[n:])
     state = FuseState()
-    state.set(both[:n], mask[:n], both[n:], mask[n:], scale)
+    state.set(both[:n], mask[:n], uncond, mask[n:], scale)
     with fuse_installed(pipe.unet, lb.bridge, state):
         yield {}
 
