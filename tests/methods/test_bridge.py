@@ -119,6 +119,20 @@ def test_residual_fuse_reads_what_the_base_reads(base, tmp_path):
         learner.close()
 
 
+def test_fuse_leaves_an_empty_negative_prompt_to_the_base(base, tmp_path):
+    """Guidance multiplies any change to the unconditional branch, so with an empty negative prompt fuse's extra path
+    adds exactly nothing there (zero tokens); a negative prompt that says something is read like the prompt."""
+    from hyperreal.methods.bridge.runtime import conditioning
+
+    lb, _ = fresh(base, "fuse", tmp_path)
+    for negative, empty in (("", True), ("a blue square", False)):
+        with conditioning(base.pipe, lb, ["a red circle"], [negative]):
+            st = next(p.state for p in base.pipe.unet.attn_processors.values() if isinstance(p, B.FuseAttnProcessor))
+            assert float(st.tokens.abs().sum()) > 0
+            assert (float(st.uncond_tokens.abs().sum()) == 0) == empty
+    assert all(not isinstance(p, B.FuseAttnProcessor) for p in base.pipe.unet.attn_processors.values())
+
+
 @pytest.mark.parametrize("mode", ["fuse", "swap"])
 def test_training_moves_only_the_bridge_and_round_trips(base, tmp_path, mode):
     pipe = base.pipe
