@@ -9,8 +9,7 @@ from .train_panel import build_train_panel
 
 WHAT = """**Frozen:** the whole base model *and* the extra encoder (BART on SD1.5; the multilingual Universal
 Sentence Encoder on the tiny base). **Learns:** only the joint — in **fuse** mode new key/value projections in
-every cross-attention layer (copies of the layer's own) behind gates that start at 0, scaled per prompt by what
-the base already reads; in **swap** mode a small
+every cross-attention layer (copies of the layer's own) behind gates that start at 0; in **swap** mode a small
 bridge that corrects the base encoder's output from the extra encoder's reading, blended in by α. A fresh bridge
 is exactly the original model; the new encoder brings the words and languages the base never learned (the tiny
 bridge trained on English captions only, and reads Spanish, French, German, Russian and Chinese prompts)."""

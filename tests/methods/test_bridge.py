@@ -4,11 +4,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from bench.synonyms import DEV_COLOURS, DEV_SHAPES
 from hyperreal import services, training
-from hyperreal.datasets import encode_prompts
 from hyperreal.errors import HyperrealError
 from hyperreal.generation import GenerationJob, job_from_dict, run_job
 from hyperreal.methods import bridge as B
@@ -41,12 +39,10 @@ def fresh(base, mode, tmp_path, name=None, encoder="minilm", residual=True):
 def test_zero_gate_and_zero_alpha_are_the_exact_base(base, tmp_path):
     ref = image(base)
     _, fuse = fresh(base, "fuse", tmp_path)
-    _, old_fuse = fresh(base, "fuse", tmp_path, "old_fuse", residual=False)  # files from before residual fuse
     _, swap = fresh(base, "swap", tmp_path)
     _, plain = fresh(base, "swap", tmp_path, "plain", residual=False)
     _, pooled = fresh(base, "swap", tmp_path, "pooled", encoder="use-multilingual")
-    for f in (fuse, old_fuse):
-        assert np.array_equal(ref, image(base, bridge={"path": str(f), "scale": 1.0}))  # fresh gates are 0
+    assert np.array_equal(ref, image(base, bridge={"path": str(fuse), "scale": 1.0}))  # fresh gates are 0
     assert np.array_equal(ref, image(base, bridge={"path": str(plain), "scale": 0.0}))  # alpha 0
     assert not np.array_equal(ref, image(base, bridge={"path": str(plain), "scale": 1.0}))  # untrained translator
     # a residual swap bridge adds a zero-initialised correction to the base's condition: the base even at scale 1
@@ -80,41 +76,6 @@ def test_fuse_keeps_the_base_where_the_base_reads_the_caption(base, tmp_path):
         assert all(batch["teach"]) and float(learner.loss(batch)) == 0.0
         learner.keep_base = False
         assert float(learner.loss(next(learner.batches(4, 0)))) > 0.0
-    finally:
-        learner.close()
-
-
-def test_residual_fuse_reads_what_the_base_reads(base, tmp_path):
-    """A residual fuse bridge scales its extra tokens by a head of both readings: the same extra reading with another
-    base reading gives other tokens, and where the head says the base reads the prompt (0) the path adds nothing,
-    bit for bit, even with open gates. In training the base mostly sees letters it cannot read where the caption
-    is hidden, and the target is the base's own drawing of the caption wherever the base reads anything."""
-    lb, _ = fresh(base, "fuse", tmp_path)
-    assert lb.spec.residual
-    states, mask = lb.encoder.read(["a red circle", "a red circle"], 16)
-    base_reading = encode_prompts(base.pipe, ["a red circle", "ытя кцу"])
-    tokens = lb.bridge(states, mask, base_reading)
-    assert not np.allclose(tokens[0].detach().numpy(), tokens[1].detach().numpy())
-    with pytest.raises(RuntimeError, match="needs the base encoder's output"):
-        lb.bridge(states, mask)
-    ref = image(base, "a purple square")
-    with torch.no_grad():
-        lb.bridge.gates.fill_(1.0)
-        lb.bridge.need[-1].bias.fill_(-1e4)  # sigmoid: exactly 0
-    shut = B.save_bridge(lb, tmp_path / "shut.safetensors")
-    assert np.array_equal(ref, image(base, "a purple square", bridge={"path": str(shut), "scale": 1.0}))
-    with torch.no_grad():
-        lb.bridge.need[-1].bias.fill_(0.0)
-    opened = B.save_bridge(lb, tmp_path / "open.safetensors")
-    assert not np.array_equal(ref, image(base, "a purple square", bridge={"path": str(opened), "scale": 1.0}))
-
-    req = B.TrainRequest(data="shapes", mode="fuse", max_length=16, width=64, paraphrase=False)
-    (_, learner), = B.make_learners(base, req, tmp_path, services.bridge_data(base, req, scenes=8))
-    try:
-        batch = next(learner.batches(256, 0))
-        hidden = [b for t, b in zip(batch["texts"], batch["base_texts"]) if t and b != t]
-        assert len(hidden) > 60 and sum(b == "" for b in hidden) < len(hidden) / 2  # mostly unreadable letters
-        assert all((c is not None) == bool(b) for c, b in zip(batch["teach"], batch["base_texts"]))
     finally:
         learner.close()
 
@@ -192,7 +153,7 @@ def test_pooled_sentence_encoder_bridge_trains_round_trips_and_keeps_the_base(ba
     assert digest(pipe.unet, pipe.vae, pipe.text_encoder) == frozen
     spec = B.read_header(path)["spec"]
     assert (spec["encoder"], spec["encoder_width"], spec["pooled_tokens"]) == ("use-multilingual", 512, 4)
-    assert spec["residual"]  # new bridges of both modes read the base's reading
+    assert spec["residual"] == (mode == "swap")
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(path.read_bytes())
     prompt = "un círculo rojo a la izquierda"

@@ -142,7 +142,7 @@ def test_bart_bridge_trains_saves_reloads_and_generates(folder, data, tmp_path, 
     path = tmp_path / "bart.safetensors"
     spec = bridge.read_header(path)["spec"]
     assert report.paths == [path] and (spec["encoder_width"], spec["encoder_states"]) == (768, 7)
-    assert spec["residual"]  # both modes read the base's reading
+    assert spec["residual"] == (mode == "swap")
     j = job("un cuadrado rojo", bridge={"path": str(path), "scale": 1.0})
     first = pixels(base, j)
     copy = tmp_path / "copy.safetensors"

@@ -146,10 +146,7 @@ def conditioning(pipe, lb: LoadedBridge, prompts: list[str], negatives: list[str
                 out["negative_prompt_embeds"] = torch.where(keep, base_neg, blend)
             yield out
             return
-        # one call: the same padded length for cond and uncond; a residual fuse bridge reads the base's reading too
-        base_both = pipe.encode_prompt(prompts + neg, pipe.text_encoder.device, 1, False)[0] if lb.spec.residual \
-            else None
-        both, mask = lb.encode(prompts + neg, base_both)
+        both, mask = lb.encode(prompts + neg)  # one call: the same padded length for cond and uncond
     n = len(prompts)
     # an empty negative prompt stays the base's own, as in swap: zero tokens add exactly nothing (keys and values
     # have no bias). Guidance multiplies any change to it (at 5, four times), on prompts the base reads as well

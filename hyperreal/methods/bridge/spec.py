@@ -2,13 +2,10 @@
 
 The base keeps its own text encoder and UNet untouched; only the new side learns.
 
-- **fuse**: decoupled cross-attention (IP-Adapter's pattern). Every cross-attention layer of the UNet gets
+- **fuse** (default): decoupled cross-attention (IP-Adapter's pattern). Every cross-attention layer of the UNet gets
   new key/value projections, initialised as copies of that layer's own, reading all tokens of the extra encoder
   (with a key-padding mask); the layer's output becomes ``attn_base + g * attn_extra`` with one gate ``g`` per layer,
-  initialised to 0, so the start is exactly the base and the gates still get gradients. A *residual* fuse bridge
-  (the default for new ones) also reads the base encoder's output: a small head of both readings scales the extra
-  tokens per prompt, so the new path can tell a prompt the base already reads (add nothing) from one it cannot
-  (carry the meaning), which the extra encoder alone cannot: it reads "a red circle" and "a crimson circle" alike.
+  initialised to 0, so the start is exactly the base and the gates still get gradients.
 - **swap**: a small translator maps the extra encoder's tokens into the base text encoder's output space (77x768 on
   SD1.5). It is trained first by distillation against the base text encoder on captions alone
   (GlueGen's idea: no images, no UNet backward pass), then optionally with the diffusion loss through the frozen
@@ -63,9 +60,7 @@ class BridgeSpec:
     lora_rank: int = 0
     fuse_layers: list = field(default_factory=list)  # [[processor name, inner dim], ...]
     pooled_tokens: int = 0  # > 0: the encoder gives one vector per text, projected to this many tokens
-    # the bridge also reads the base encoder's output (files before it: False). swap: the base condition plus a
-    # zero-initialised correction; fuse: a head of both readings scales the extra tokens per prompt
-    residual: bool = False
+    residual: bool = False  # swap: base condition + a zero-initialised correction (files before it: False)
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -120,9 +115,6 @@ class Bridge(nn.Module):
             self.to_k = nn.ModuleList(nn.Linear(spec.base_width, inner, bias=False) for _, inner in spec.fuse_layers)
             self.to_v = nn.ModuleList(nn.Linear(spec.base_width, inner, bias=False) for _, inner in spec.fuse_layers)
             self.gates = nn.Parameter(torch.zeros(len(spec.fuse_layers)))
-            if spec.residual:  # how much of the extra path a prompt needs, from both encoders' readings
-                self.need = nn.Sequential(nn.Linear(spec.encoder_width + spec.base_width, w), nn.GELU(),
-                                          nn.Linear(w, 1))
 
     @classmethod
     def create(cls, spec: BridgeSpec, unet=None, seed: int = 0) -> "Bridge":
@@ -162,30 +154,22 @@ class Bridge(nn.Module):
         return x, self.token_mask(mask)
 
     def forward(self, states: list[torch.Tensor], mask: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
-        """Swap: the condition for the UNet; fuse: the extra tokens for the new key/value projections. A residual
-        bridge needs ``base``, the base encoder's output for the same prompt."""
-        if self.spec.residual and base is None:
-            raise RuntimeError(f"a residual {self.spec.mode} bridge needs the base encoder's output")
+        """Swap: the condition for the UNet (a residual bridge needs ``base``, the base encoder's output for the same
+        prompt); fuse: the extra tokens for the new key/value projections."""
         x, mask = self.tokens(states, mask)
         if self.spec.mode == "swap":
             h = self.inp(x)
             q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)
             if self.spec.residual:
+                if base is None:
+                    raise RuntimeError("a residual swap bridge needs the base encoder's output")
                 q = q + self.base_in(base.float())
             pad = mask == 0
             for blk in self.blocks:
                 q = blk(q, h, memory_key_padding_mask=pad)
             out = self.out(self.out_norm(q))
             return base.float() + out if self.spec.residual else out
-        tokens = self.out_norm(self.proj(x))
-        if self.spec.residual:
-            m = mask.to(x.dtype).unsqueeze(-1)
-            read = torch.cat([F.layer_norm((x * m).sum(1) / m.sum(1).clamp(min=1), x.shape[-1:]),
-                              F.layer_norm(base.float().mean(1), base.shape[-1:])], -1)
-            # scaling the tokens scales the extra attention's output (its keys and values have no bias): at 0 it adds
-            # nothing
-            tokens = tokens * torch.sigmoid(self.need(read)).unsqueeze(-1)
-        return tokens
+        return self.out_norm(self.proj(x))
 
     def layer_weights(self) -> list[float]:
         return [round(float(v), 4) for v in torch.softmax(self.mix_logits.detach(), 0)]
@@ -218,7 +202,7 @@ def new_spec(base, encoder: TextEncoder, mode: str, max_length: int | None = Non
                       encoder_states=encoder.n_states, max_length=max_length or base.pipe.tokenizer.model_max_length,
                       base_width=int(te.config.hidden_size), base_length=int(base.pipe.tokenizer.model_max_length),
                       width=width, layers=layers, heads=heads, lora_rank=lora_rank,
-                      pooled_tokens=POOLED_TOKENS if encoder.pooled else 0, residual=residual)
+                      pooled_tokens=POOLED_TOKENS if encoder.pooled else 0, residual=residual and mode == "swap")
 
 
 def check_compatible(base, lb: LoadedBridge, where: str = "bridge") -> None:

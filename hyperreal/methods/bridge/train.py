@@ -117,14 +117,12 @@ class _BridgeLearner(BesideTheBase):
             self._phrasings[caption] = [self.rephrase(caption, r) for _ in range(self.PHRASINGS)]
         return rng.choice(self._phrasings[caption])
 
-    def encode(self, texts: list[str], base_texts: list[str] | None = None,
-               base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The bridge's output for ``texts``; a residual bridge also reads the base encoder's reading of
-        ``base_texts`` (default: the same texts), or ``base`` when it is already at hand."""
+    def encode(self, texts: list[str], base_texts: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bridge's output for ``texts``; a residual bridge adds to the base encoder's reading of
+        ``base_texts`` (default: the same texts)."""
         with torch.set_grad_enabled(bool(self.lora_params) and torch.is_grad_enabled()):
             states, mask = self.lb.encoder.read(texts, self.lb.spec.max_length)
-        if self.lb.spec.residual and base is None:
-            base = self.base_condition(base_texts if base_texts is not None else texts)
+        base = self.base_condition(base_texts if base_texts is not None else texts) if self.lb.spec.residual else None
         return self.lb.bridge(states, mask, base), self.lb.bridge.token_mask(mask)
 
     def base_condition(self, texts: list[str]) -> torch.Tensor:
@@ -194,14 +192,10 @@ class DiffusionLearner(_BridgeLearner):
 
     Fuse hides the caption from the base text encoder with probability ``base_dropout`` (and both encoders with
     ``uncond_dropout``), so the new path learns to carry the prompt on its own: words the base never learnt reach
-    the image only through it. A residual fuse bridge mostly sees letters the base cannot read there, as for a
-    prompt in another language, and reads the base's reading to tell such prompts from those the base reads. With
-    ``keep_base``, wherever the base encoder reads anything the target is the frozen base's own prediction for the
-    caption (the adapters' prior, applied per example): the new path learns to add nothing where the base already
-    draws the caption, and to mend other phrasings and unreadable letters towards it.
+    the image only through it. With ``keep_base``, wherever the base encoder does read the prompt the target is the
+    frozen base's own prediction for the caption (the adapters' prior, applied per example): the new path learns
+    to add nothing where the base already draws the caption, and to mend other phrasings towards it.
     """
-
-    AS_WRITTEN = 0.25  # residual fuse: the share of captions given as written rather than rephrased
 
     def __init__(self, *a, latents: torch.Tensor, latent_captions: list[str], base_dropout: float = 0.5,
                  uncond_dropout: float = 0.1, keep_base: bool = True, **k):
@@ -230,20 +224,13 @@ class DiffusionLearner(_BridgeLearner):
             idx = [rng.randrange(len(self.latents)) for _ in range(batch_size)]
             texts, base_texts, teach = [], [], []
             for i in idx:
-                c = self.latent_captions[i]
-                # a residual fuse bridge must also see captions as the base reads them, as written, to learn to
-                # leave those alone (rephrasings alone would teach it that every prompt needs the extra path)
-                t = c if self.lb.spec.residual and fuse and rng.random() < self.AS_WRITTEN else self._text(rng, c)
+                t = self._text(rng, self.latent_captions[i])
                 r = rng.random()
                 if r < self.uncond_dropout:
                     texts.append(""), base_texts.append("")
                 else:
                     texts.append(t)
-                    hidden = fuse and r < self.uncond_dropout + self.base_dropout
-                    # a residual fuse bridge reads the base's reading: hide the caption as a prompt in another
-                    # language does (letters the base cannot read), or as nothing, as a residual swap bridge learns
-                    base_texts.append(t if not hidden else unreadable(t, rng)
-                                      if self.lb.spec.residual and rng.random() < 0.8 else "")
+                    base_texts.append("" if fuse and r < self.uncond_dropout + self.base_dropout else t)
                 # the base's own prediction for the caption is the target where the base reads the prompt
                 teach.append(self.latent_captions[i] if self.keep_base and base_texts[-1] else None)
             yield {**noise_and_timesteps(self.latents[idx], self.objective.num_train_timesteps, g), "texts": texts,
@@ -253,13 +240,12 @@ class DiffusionLearner(_BridgeLearner):
         unet = self.pipe.unet
         dev, dtype = unet.device, unet.dtype
         latents, noise, t, noisy = self.objective.on_device(batch, dev)
+        tokens, mask = self.encode(batch["texts"])
         target = self.objective.target(latents, noise, t)
         if self.lb.spec.mode == "swap":
-            tokens, _ = self.encode(batch["texts"])
             cond = tokens.to(dtype)
         else:
-            cond = self._base_condition(batch["base_texts"])  # what the base reads; a residual bridge reads it too
-            tokens, mask = self.encode(batch["texts"], base=cond.float())
+            cond = self._base_condition(batch["base_texts"])
             teach = [i for i, c in enumerate(batch.get("teach") or []) if c is not None]
             if teach:  # the frozen base alone (scale 0 is its exact output) reading the caption
                 with torch.no_grad():
@@ -310,12 +296,9 @@ class TrainRequest:
     heads: int = 4
     lora_rank: int = 0
     diffusion_steps: int = 0  # swap: the optional second stage with the diffusion loss
-    # how often the base text encoder sees nothing or unreadable letters (residual bridges), or an empty prompt
-    # (a fuse bridge that is not residual)
+    # how often the base text encoder sees an empty prompt (fuse), or nothing or unreadable letters (residual swap)
     base_dropout: float = 0.5
-    # read the base encoder's output too. swap: correct the base's own condition (starts at it exactly) rather than
-    # replace it; fuse: scale the extra path per prompt by what the base already reads
-    residual: bool = True
+    residual: bool = True  # swap: correct the base's own condition (starts at it exactly) rather than replace it
     keep_base: bool = True  # fuse: where the base encoder reads the prompt, the target is the base's own prediction
     paraphrase: bool = True  # also train on other phrasings of the captions, where the data has a way to make them
     resolution: int | None = None  # images' side in pixels for the diffusion loss (None: the base's default size)
