@@ -85,7 +85,7 @@ judged on the held-out split: English >= 75%, Spanish, French, German and Russia
 {timing}
 
 Last made by `{record['command']}` in {record['total_seconds'] / 60:.1f} min on {record['threads']} CPU threads
-(torch {record['torch']}), measurements included; each run names the command that trained it:
+(torch {record['torch']}), measurements included; runs:
 {runs}
 
 {remeasured}Re-measure: `python -m hyperreal eval bridge --json`. Full record: `training_record.json`.
