@@ -131,6 +131,9 @@ def conditioning(pipe, lb: LoadedBridge, prompts: list[str], negatives: list[str
     empty in fuse mode, where the prompts stay and the processors read the extra tokens.
     """
     neg = [n or "" for n in (negatives or [""] * len(prompts))]
+    # an empty negative prompt stays the base's own in both modes (the bridge never learnt "nothing"); guidance
+    # multiplies any change to it (at 5, four times), on prompts the base reads as well
+    empty = torch.tensor([not x for x in neg], device=pipe.unet.device)[:, None, None]
     with torch.no_grad():
         if lb.spec.mode == "swap":
             dev = pipe.text_encoder.device
@@ -139,19 +142,15 @@ def conditioning(pipe, lb: LoadedBridge, prompts: list[str], negatives: list[str
             out = {"prompt_embeds": (1.0 - scale) * base_pos + scale * ours.to(base_pos.dtype)}
             if any(neg):
                 base_neg, _ = pipe.encode_prompt(neg, dev, 1, False)
-                # an empty negative prompt stays the base's own (the bridge never learnt "nothing")
                 theirs, _ = lb.encode(neg, base_neg)
                 blend = (1.0 - scale) * base_neg + scale * theirs.to(base_neg.dtype)
-                keep = torch.tensor([not n for n in neg], device=dev)[:, None, None]
-                out["negative_prompt_embeds"] = torch.where(keep, base_neg, blend)
+                out["negative_prompt_embeds"] = torch.where(empty.to(dev), base_neg, blend)
             yield out
             return
         both, mask = lb.encode(prompts + neg)  # one call: the same padded length for cond and uncond
     n = len(prompts)
-    # an empty negative prompt stays the base's own, as in swap: zero tokens add exactly nothing (keys and values
-    # have no bias). Guidance multiplies any change to it (at 5, four times), on prompts the base reads as well
-    empty = torch.tensor([not x for x in neg], device=both.device)[:, None, None]
-    uncond = torch.where(empty, torch.zeros_like(both[n:]), both[n:])
+    # fuse: zero tokens add exactly nothing (its keys and values have no bias)
+    uncond = torch.where(empty.to(both.device), torch.zeros_like(both[n:]), both[n:])
     state = FuseState()
     state.set(both[:n], mask[:n], uncond, mask[n:], scale)
     with fuse_installed(pipe.unet, lb.bridge, state):
