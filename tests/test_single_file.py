@@ -5,6 +5,7 @@ app lists the models folder's checkpoints and switches to one."""
 import functools
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +239,51 @@ def test_no_switching_while_a_training_run_holds_the_base(tiny, narrow):
     assert not loads
     current.switch("narrow.safetensors")
     assert loads and current.value == "narrow.safetensors"
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (.ci/run installs it)")
+def test_train_panels_start_from_the_switched_base_s_recipe(app_with_models, narrow, tiny):
+    """In a browser: after switching to an SD1.5 checkpoint the Train panels show SD1.5's recipe, not the tiny
+    base's the page started with; switching back shows the tiny base's again."""
+    from playwright.sync_api import sync_playwright
+
+    url, _ = app_with_models
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url, wait_until="domcontentloaded", timeout=90_000)
+            picker = page.locator("#base-model input")
+            picker.wait_for(state="visible", timeout=60_000)
+            page.get_by_role("tab", name="Adapters").click()
+            page.get_by_text("Prior preservation and text encoder").click()  # the accordion holding the prior
+            shown = {"steps": page.locator("#adapter-steps input[type=number]"),
+                     "lr": page.locator("#adapter-lr input"),
+                     "prior_weight": page.locator("#adapter-prior-weight input")}
+            cn_steps = page.locator("#controlnet-steps input[type=number]")
+
+            def reads(recipe, controlnet):
+                want = {k: float(recipe[k]) for k in shown}
+                for _ in range(120):
+                    got = {k: float(box.input_value()) for k, box in shown.items()}
+                    if got == want:
+                        break
+                    page.wait_for_timeout(500)
+                assert got == want
+                page.get_by_role("tab", name="ControlNet").click()
+                assert float(cn_steps.input_value()) == controlnet["steps"]
+                page.get_by_role("tab", name="Adapters").click()
+
+            reads(tiny.defaults["adapter_train"], tiny.defaults["controlnet_train"])
+            other = loaded(narrow["file"]).defaults
+            assert other["adapter_train"]["steps"] != tiny.defaults["adapter_train"]["steps"]
+            for value, defaults in (("narrow.safetensors", other), ("tiny", tiny.defaults)):
+                picker.fill(value)
+                picker.press("Enter")
+                reads(defaults["adapter_train"], defaults["controlnet_train"])
+        finally:
+            browser.close()

@@ -37,6 +37,13 @@ def effective_scale(kind: str, rank: float, alpha: float | None, preset: str, rs
             f"{lr or default_lr:g}. kohya-like (alpha 1) needs a higher lr than diffusers-like (alpha = rank).")
 
 
+def lr_note(recipe: dict) -> str | None:
+    """The learning rate's note: with a decaying schedule the number is its peak."""
+    if recipe["lr_schedule"] == "constant":
+        return None
+    return f"the peak: it decays ({recipe['lr_schedule']}) to 0 by the last step"
+
+
 def build_adapters_tab(choices: Callable[[], list], start_training: Callable, default_caption: str,
                        settings: Callable[[str], dict], memory: Callable[[str], dict] | None = None) -> dict:
     """``choices() -> [(label, value)]`` lists adapters; ``start_training`` is the Train panel's start;
@@ -72,11 +79,9 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                 alpha = gr.Number(label="Alpha (empty: from preset)", value=None)
                 rslora = gr.Checkbox(label="rsLoRA (alpha/√rank)")
             with gr.Row():
-                steps = gr.Slider(10, 5000, value=start["steps"], step=10, label="Steps")
+                steps = gr.Slider(10, 5000, value=start["steps"], step=10, label="Steps", elem_id="adapter-steps")
                 batch = gr.Slider(1, 32, value=start["batch_size"], step=1, label="Batch size")
-                lr = gr.Number(label="Learning rate", value=start["lr"],
-                               info=None if start["lr_schedule"] == "constant" else
-                               f"the peak: it decays ({start['lr_schedule']}) to 0 by the last step")
+                lr = gr.Number(label="Learning rate", value=start["lr"], info=lr_note(start), elem_id="adapter-lr")
                 sample_every = gr.Slider(0, 500, value=start["sample_every"], step=10,
                                          label="Samples every N steps (0: end only)")
             scale = gr.Markdown(effective_scale("lora", DEFAULT_RANK, None, "diffusers-like", False, start["lr"],
@@ -98,7 +103,8 @@ def build_adapters_tab(choices: Callable[[], list], start_training: Callable, de
                     # prior preservation is on by default here: keeping the base's knowledge is the point
                     class_images = gr.Slider(0, 200, value=start["class_images"], step=1,
                                              label="Class images from the base (0: off)")
-                    prior_weight = gr.Number(label="Prior-loss weight", value=start["prior_weight"], minimum=0)
+                    prior_weight = gr.Number(label="Prior-loss weight", value=start["prior_weight"], minimum=0,
+                                             elem_id="adapter-prior-weight")
                 with gr.Row():
                     train_te = gr.Dropdown(
                         ["auto", "on", "off"], value="auto", label="LoRA on the text encoder (not with full)",

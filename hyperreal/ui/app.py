@@ -17,12 +17,13 @@ from ..zerogpu import on_gpu
 from .actions import (adapter_trainer, bridge_trainer, condition_map, controlnet_job, controlnet_trainer,
                       sketch_image)
 from .adapters_tab import SLOTS as ADAPTER_SLOTS
-from .adapters_tab import adapters_from_inputs, build_adapters_tab
+from .adapters_tab import adapters_from_inputs, build_adapters_tab, lr_note
 from .bases import CurrentBase, build_base_picker
 from .bridge_tab import bridge_train_knobs, build_bridge_tab
 from .controlnet_tab import build_controlnet_tab, controlnet_train_knobs, units_from_inputs
 from .generate_tab import build_generate_tab, guidance_note
 from .library import Library, save_map
+from .train_panel import follow_base
 
 INTRO = """# hyperreal
 Adapt a **frozen** text-to-image model without touching it. Base model: `{name}` — its weights never change here.
@@ -155,6 +156,11 @@ def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
             value=default_guidance(current.base.defaults, adapters_on(adapters_from_inputs(list(v)))),
             info=guidance_note(current.base.defaults)), ad["inputs"], gen_tab["guidance"], queue=False,
             api_visibility="private")
+        # and each Train panel starts from the new base's recipe (steps, batch, learning rate, prior...)
+        for method, panel, variant in (("adapter", ad["panel"], "kind"), ("controlnet", cn["panel"], None),
+                                       ("bridge", br["panel"], "mode")):
+            follow_base(switched, panel, lambda v, vram, m=method: services.train_settings(current.base, m, v, vram),
+                        variant, lr_note if method == "adapter" else None)
     demo.queue(default_concurrency_limit=1)
     return demo
 

@@ -95,7 +95,7 @@ def controlnet_train_knobs(defaults: dict) -> dict:
         high = gr.Slider(0, 255, value=200, step=1, label="Canny high")
         name = gr.Textbox(label="Name", value="my_controlnet")
     with gr.Row():
-        steps = gr.Slider(10, 5000, value=defaults["steps"], step=10, label="Steps")
+        steps = gr.Slider(10, 5000, value=defaults["steps"], step=10, label="Steps", elem_id="controlnet-steps")
         batch = gr.Slider(1, 64, value=defaults["batch_size"], step=1, label="Batch size")
         lr = gr.Number(label="Learning rate", value=defaults["lr"])
         dropout = gr.Slider(0, 0.9, value=0.5, step=0.05, label="Caption dropout (paper: 0.5)")

@@ -221,5 +221,27 @@ def build_train_panel(method: str, build_knobs: Callable[[], dict], start: Calla
             "samples": samples, "out_files": out_files, "workroot": workroot}
 
 
+# the knobs whose starting values are the base's recipe (services.train_settings)
+RECIPE_KNOBS = ("steps", "batch_size", "lr", "sample_every", "class_images", "prior_weight")
+
+
+def follow_base(switched, panel: dict | None, recipe: Callable[[str | None, str], dict], variant: str | None = None,
+                lr_info: Callable[[dict], str | None] | None = None) -> None:
+    """After a base switch (the ``switched`` event), the panel's recipe knobs start from the new base's recipe,
+    for the variant its ``variant`` knob names (the adapter kind, the bridge mode) and its VRAM preset:
+    ``recipe(variant, vram)``. A private step, like the one that follows the switch in Generate."""
+    if panel is None:
+        return
+    knobs = panel["knobs"]
+    names = [n for n in RECIPE_KNOBS if n in knobs]
+    inputs = ([knobs[variant]] if variant else []) + ([knobs["vram"]] if "vram" in knobs else [])
+
+    def values(*v):
+        rec = recipe(v[0] if variant else None, v[-1] if "vram" in knobs else "auto")
+        return [gr.update(value=rec[n], **({"info": lr_info(rec)} if n == "lr" and lr_info else {})) for n in names]
+
+    switched.success(values, inputs, [knobs[n] for n in names], queue=False, api_visibility="private")
+
+
 def cleanup(panel: dict) -> None:
     shutil.rmtree(panel["workroot"], ignore_errors=True)
