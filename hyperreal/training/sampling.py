@@ -31,12 +31,7 @@ def drop_captions(text: torch.Tensor, p: float, empty: int, g: torch.Generator,
     text[hit if among is None else among & hit] = empty
 
 
-def noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, g: torch.Generator,
-                        noise_offset: float = 0.0) -> dict:
-    """The noise and the timesteps of a batch (what :meth:`DenoisingObjective.on_device` reads). ``noise_offset``:
-    a per-image, per-channel constant added to the noise (diffusers' ``--noise_offset``, kohya's ``noise_offset``)."""
-    out = {"latents": latents, "noise": torch.randn(latents.shape, generator=g),
-           "timesteps": torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=g)}
-    if noise_offset:
-        out["noise"] = out["noise"] + noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
-    return out
+def noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, g: torch.Generator) -> dict:
+    """The noise and the timesteps of a batch (what :meth:`DenoisingObjective.on_device` reads)."""
+    return {"latents": latents, "noise": torch.randn(latents.shape, generator=g),
+            "timesteps": torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=g)}

@@ -52,9 +52,6 @@ class TrainRequest:
     trigger: str | None = None  # None: the word every caption shares that the base does not know (find_trigger)
     # a trigger word that the tokenizer cuts into pieces gets a new token with a trained embedding (adapter kinds)
     trigger_token: bool = True
-    # the token's size while it trains: "free", "retract" (diffusers' advanced DreamBooth script: each step pulls its
-    # spread a tenth of the way back to the vocabulary's), "fixed" (held at the vocabulary's mean norm)
-    token_norm: str = "free"
     # prior preservation: [] takes the prompts the base is known to draw well (``prior_prompts`` in its
     # hyperreal.json), else the captions without the trigger (DreamBooth's class prompt); None: the recipe's count
     class_prompts: list[str] = field(default_factory=list)
@@ -66,7 +63,6 @@ class TrainRequest:
     caption_dropout: float = 0.0
     prior_uncond: float = 0.2  # share of class images trained with the empty prompt (anchors guidance)
     prior_target: str = "base"  # class images' target: the frozen base's own prediction, or "noise" (DreamBooth)
-    noise_offset: float = 0.0
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting; None: the base's recipe (0: off)
     sample_prompts: list[str] = field(default_factory=list)
     resolution: int | None = None  # training images' side in pixels (None: the base's default size)
@@ -148,11 +144,11 @@ def make_learner(base, req: TrainRequest, out: str | Path, info: dict | None = N
     try:
         data = DreamBoothData(base.pipe, instances, classes, prior_weight, repeats, req.flip,
                               req.caption_dropout, cache_text=not (req.adapts_text_encoder or tokens),
-                              prior_uncond=req.prior_uncond, size=size, noise_offset=req.noise_offset)
+                              prior_uncond=req.prior_uncond, size=size)
         if req.kind == "full":
             return FullFineTune(base.pipe, data, info=info, **sample)
         return AdapterLearner(base.pipe, data, req.spec(), name=name, text_encoder_lr=req.text_encoder_lr,
-                              seed=req.seed, info=info, tokens=tokens, token_norm=req.token_norm, **sample)
+                              seed=req.seed, info=info, tokens=tokens, **sample)
     except BaseException:
         if tokens:  # no learner owns them: the base's tokenizer again
             sync_tokens(base.pipe, [])
@@ -191,7 +187,7 @@ class DreamBoothData:
 
     def __init__(self, pipe, instances: list, classes: list | None = None, prior_weight: float = 1.0,
                  repeats: int = 1, flip: bool = False, caption_dropout: float = 0.0, cache_text: bool = True,
-                 prior_uncond: float = 0.0, size: tuple[int, int] | None = None, noise_offset: float = 0.0):
+                 prior_uncond: float = 0.0, size: tuple[int, int] | None = None):
         if repeats < 1:
             raise HyperrealError(f"--repeats must be at least 1, got {repeats}")
         if not 0 <= caption_dropout < 1:
@@ -208,7 +204,6 @@ class DreamBoothData:
         # prompt's prediction from every prompt's, so an adapter that moves it moves every image (measured on
         # the star task: drift 9 without guidance, 25 at guidance 5)
         self.prior_uncond = prior_uncond
-        self.noise_offset = noise_offset
         self.weights = torch.tensor([1.0] * len(instances) + [float(prior_weight)] * len(classes))
         self.texts = sorted({t for _, t in items} | {""})
         self.text_index = torch.tensor([self.texts.index(t) for _, t in items])
@@ -240,7 +235,7 @@ class DreamBoothData:
             is_class = idx >= self.n_instances
             drop_captions(text, self.caption_dropout, self.empty, g)
             drop_captions(text, self.prior_uncond, self.empty, g, among=is_class)
-            yield {**noise_and_timesteps(latents, num_train_timesteps, g, self.noise_offset),
+            yield {**noise_and_timesteps(latents, num_train_timesteps, g),
                    "text": self.embeddings[text] if self.cache_text else self.token_ids[text],
                    "weights": self.weights[idx], "is_class": is_class}
 
@@ -320,7 +315,7 @@ class AdapterLearner(_DiffusionLearner):
 
     def __init__(self, pipe, data: DreamBoothData, spec: AdapterSpec, name: str = "default",
                  text_encoder_lr: float | None = None, seed: int = 0, info: dict | None = None,
-                 tokens: dict[str, torch.Tensor] | None = None, token_norm: str = "free", **sample):
+                 tokens: dict[str, torch.Tensor] | None = None, **sample):
         if (spec.text_encoder or tokens) and data.cache_text:
             raise HyperrealError("training the text encoder or a trigger token needs uncached text: build the data "
                                  "with cache_text=False")
@@ -336,9 +331,6 @@ class AdapterLearner(_DiffusionLearner):
         if self.tokens:
             loaded(pipe)[name]["tokens"] = self.tokens
             self.params += list(self.tokens.values())
-        table = pipe.text_encoder.get_input_embeddings().weight.detach()[:pipe.tokenizer.vocab_size].float()
-        self.token_norm = token_norm
-        self._vocab_std, self._vocab_norm = table.std().item(), table.norm(dim=1).mean().item()
         activate(pipe, {name: 1.0})
         for p in self.params:
             p.requires_grad_(True)
@@ -367,12 +359,6 @@ class AdapterLearner(_DiffusionLearner):
 
     def after_step(self, step: int) -> None:
         super().after_step(step)
-        with torch.no_grad():
-            for v in self.tokens.values():
-                if self.token_norm == "retract":
-                    v.mul_((self._vocab_std / v.std()) ** 0.1)
-                elif self.token_norm == "fixed":
-                    v.mul_(self._vocab_norm / v.norm())
         self._checked += 1
         if self._checked == self.STALL_STEPS and self._start is not None:
             moved = [k for k, p in self._named.items() if not torch.equal(p.detach(), self._start[k])]
