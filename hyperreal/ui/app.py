@@ -114,8 +114,8 @@ def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
 
     examples, caption = base.defaults["examples"], base.defaults["example_caption"]
 
-    def recipe(method):  # the base's recipe for a method variant, fitted to this machine's card
-        return lambda variant: services.train_settings(current.base, method, variant)
+    def recipe(method):  # the base's recipe for a method variant, fitted to this machine's card (or a VRAM preset)
+        return lambda variant, vram="auto": services.train_settings(current.base, method, variant, vram)
 
     def memory(method):  # what a VRAM preset sets in the Train panel
         return lambda vram: services.train_settings(current.base, method, None, vram)
@@ -159,8 +159,7 @@ def build_app(base: BaseModel, settings: Settings) -> gr.Blocks:
         # and each Train panel starts from the new base's recipe (steps, batch, learning rate, prior...)
         for method, panel, variant in (("adapter", ad["panel"], "kind"), ("controlnet", cn["panel"], None),
                                        ("bridge", br["panel"], "mode")):
-            follow_base(switched, panel, lambda v, vram, m=method: services.train_settings(current.base, m, v, vram),
-                        variant, lr_note if method == "adapter" else None)
+            follow_base(switched, panel, recipe(method), variant, lr_note if method == "adapter" else None)
     demo.queue(default_concurrency_limit=1)
     return demo
 
